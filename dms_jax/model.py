@@ -271,14 +271,16 @@ class CausalLM(nnx.Module):
             if dms_mode == "off":
                 return attend(p.q, p.k, p.v, causal_bias(positions, positions, valid)), None
             # The decision for token j is computed at position j + 1 (one-token shift).
-            owner_logits = dms.apply_alpha_per(dms.shift_to_owner(p.decision_logits), dcfg.alpha_per)
+            # The last token's decision is not known yet: pad with a "keep" logit.
+            owner_logits = dms.shift_to_owner(p.decision_logits, dms.KEEP_LOGIT)
             if dms_mode == "train":
                 noise = dms.logistic_noise(noise_key, owner_logits.shape)
-                z = (owner_logits + noise) / dcfg.tau
-                decision = dms.straight_through(z)
+                # alpha_per="layer" copies head 0's *noisy* decision, as the reference does.
+                z = dms.apply_alpha_per(dms.noisy_logits(owner_logits, noise, dcfg.tau), dcfg.alpha_per)
+                _, decision = dms.gumbel_sigmoid(z, None, 1.0)
                 log_keep = dms.soft_log_keep(z)
             else:
-                decision = dms.hard_decisions(owner_logits).astype(jnp.float32)
+                decision = dms.hard_decisions(dms.apply_alpha_per(owner_logits, dcfg.alpha_per))
                 log_keep = dms.hard_log_keep(decision)
             bias = dms.dms_attention_bias(log_keep, positions, positions, dcfg.window, valid)
             return attend(p.q, p.k, p.v, bias), decision

@@ -15,7 +15,7 @@ import pytest
 
 from dms_jax import dms
 
-NEG = dms.MASK_VALUE
+NEG = np.float32(dms.MASK_VALUE)  # the bias is float32
 
 
 # ----------------------------------------------------------------------------- numpy references

@@ -1,0 +1,137 @@
+"""Plain generation with a dense KV cache: batched prompts of different lengths, greedy or sampled, jit-compiled.
+
+Prompts are left-padded to a common length so that every sequence writes its next token into the same cache
+slot; positions are counted per sequence, so padding changes nothing in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dms_jax.model import CausalLM, forward_with_dense_cache, init_dense_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample_next(logits, key, sampling: SamplingConfig):
+    """Next token [B] from logits [B, V]: argmax when temperature is 0, else temperature / top-k / top-p."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+    """tokens, positions, valid [B, P] for left-padded prompts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    valid = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        valid[i, width - len(p):] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return tokens, positions, valid
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_dtype"))
+def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_new_tokens, sampling, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    b, p = tokens.shape
+    cache = init_dense_cache(model.cfg, b, p + max_new_tokens, cache_dtype)
+    logits, cache = forward_with_dense_cache(model, tokens, positions, valid, cache, 0)
+    next_pos = positions[:, -1] + 1
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, last_logits, cache, done, lengths, out, key = carry
+        key, sub = jax.random.split(key)
+        tok = sample_next(last_logits, sub, sampling)
+        tok = jnp.where(done, stop_ids[0], tok)  # finished rows keep emitting a stop id, never counted
+        out = out.at[:, step].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | is_stop(tok)
+        pos = (next_pos + step)[:, None]
+        logits, cache = forward_with_dense_cache(
+            model, tok[:, None], pos, jnp.ones((b, 1), bool), cache, p + step)
+        return step + 1, logits[:, -1], cache, done, lengths, out, key
+
+    carry = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), out, key)
+    _, _, _, _, lengths, out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths
+
+
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None, seed: int = 0,
+             cache_dtype=None) -> list[list[int]]:
+    """Generates continuations for a batch of token-id prompts of any lengths.
+
+    stop_ids: generation of a row ends after it emits one of these (the stop token is included in the output);
+    defaults to the model's EOS ids. Returns one list of new token ids per prompt.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = model.cfg.max_position_embeddings
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{context} tokens")
+    stop = list(model.cfg.eos_token_ids if stop_ids is None else stop_ids) or [-1]
+    pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else stop[0]
+    tokens, positions, valid = left_pad(prompts, max(pad, 0))
+    graphdef, state = nnx.split(model)
+    out, lengths = _generate(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
+        jnp.asarray(stop, jnp.int32), jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+        cache_dtype=cache_dtype or model.dtype)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [out[i, : lengths[i]].tolist() for i in range(len(prompts))]
+
+
+def chat_prompt(tokenizer, user_message: str, system: str | None = None) -> list[int]:
+    """Token ids of a single-turn chat prompt, ending with the assistant's turn header."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user_message}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers >= 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
