@@ -65,11 +65,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     return tokens, positions, valid
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_dtype"))
-def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_new_tokens, sampling, cache_dtype):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "cache_dtype", "dms"))
+def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_new_tokens, sampling, cache_dtype,
+              dms):
     model = nnx.merge(graphdef, state)
     b, p = tokens.shape
-    cache = init_dense_cache(model.cfg, b, p + max_new_tokens, cache_dtype)
+    cache = init_dense_cache(model.cfg, b, p + max_new_tokens, cache_dtype, dms=dms)
     logits, cache = forward_with_dense_cache(model, tokens, positions, valid, cache, 0)
     next_pos = positions[:, -1] + 1
     out = jnp.zeros((b, max_new_tokens), jnp.int32)
@@ -101,12 +102,15 @@ def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_n
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None, seed: int = 0,
-             cache_dtype=None) -> list[list[int]]:
+             cache_dtype=None, dms: bool = False) -> list[list[int]]:
     """Generates continuations for a batch of token-id prompts of any lengths.
 
     stop_ids: generation of a row ends after it emits one of these (the stop token is included in the output);
-    defaults to the model's EOS ids. Returns one list of new token ids per prompt.
+    defaults to the model's EOS ids. dms: apply the model's hard DMS eviction (masked in a dense cache; the
+    paged engine is what frees the memory). Returns one list of new token ids per prompt.
     """
+    if dms and model.dms_cfg is None:
+        raise ValueError("dms=True needs a model with a DMSConfig")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     context = model.cfg.max_position_embeddings
@@ -122,7 +126,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     out, lengths = _generate(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
         jnp.asarray(stop, jnp.int32), jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
-        cache_dtype=cache_dtype or model.dtype)
+        cache_dtype=cache_dtype or model.dtype, dms=dms)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, : lengths[i]].tolist() for i in range(len(prompts))]
 

@@ -288,35 +288,59 @@ class CausalLM(nnx.Module):
         return attention_fn
 
 
-def init_dense_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """A plain dense KV cache: k, v [L, B, S, Hkv, D]; per-slot absolute position and validity [B, S]."""
+def init_dense_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, dms: bool = False) -> dict:
+    """A dense KV cache: k, v [L, B, S, Hkv, D]; per-slot absolute position and validity [B, S].
+
+    With dms=True it also keeps, per slot, the hard decision *computed at* that slot ([L, B, Hkv, S]); the
+    decision *for* a token is the one computed at the next slot (one-token shift). This cache masks evicted
+    tokens exactly but does not free them: it is the simple reference, the paged cache frees the memory.
+    """
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+             "pos": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool)}
+    if dms:
+        cache["decision"] = jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, length), jnp.float32)
+    return cache
 
 
 def forward_with_dense_cache(model: CausalLM, tokens, positions, valid, cache: dict, index):
-    """Vanilla forward of T new tokens written into cache slots [index, index + T) (same slots for the batch).
+    """Forward of T new tokens written into cache slots [index, index + T) (same slots for the whole batch).
 
     Queries attend to every valid cached slot whose position is not in their future, so left-padded batches of
-    different lengths decode together. Returns (logits [B, T, V] float32, updated cache).
+    different lengths decode together. A cache made with dms=True applies hard DMS eviction (exactly the
+    training forward's "hard" mode). Returns (logits [B, T, V] float32, updated cache).
     """
+    dms_on = "decision" in cache
     pos_all = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
     valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
     bias = causal_bias(positions, pos_all, valid_all)
     x = model.embed_tokens(tokens)
-    new_k, new_v = [], []
+    new = {"k": [], "v": [], "decision": []}
     for i, layer in enumerate(model.layers):
         def attention_fn(p: Projected, i=i):
             k_all = jax.lax.dynamic_update_slice(cache["k"][i], p.k.astype(cache["k"].dtype), (0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(cache["v"][i], p.v.astype(cache["v"].dtype), (0, index, 0, 0))
-            return attend(p.q, k_all.astype(p.q.dtype), v_all.astype(p.q.dtype), bias), (k_all, v_all)
+            layer_bias, dec_all = bias, None
+            if dms_on:
+                dcfg = model.dms_cfg
+                computed = dms.hard_decisions(dms.apply_alpha_per(p.decision_logits, dcfg.alpha_per))
+                dec_all = jax.lax.dynamic_update_slice(cache["decision"][i], computed, (0, 0, index))
+                # Slots of a row are consecutive, so the decision for slot s was computed at slot s + 1;
+                # a slot whose successor is not written yet (or is padding) is kept.
+                owner = dms.shift_to_owner(dec_all * valid_all[:, None, :], 0.0)
+                layer_bias = dms.dms_attention_bias(
+                    dms.hard_log_keep(owner), positions, pos_all, dcfg.window, valid_all)
+            out = attend(p.q, k_all.astype(p.q.dtype), v_all.astype(p.q.dtype), layer_bias)
+            return out, (k_all, v_all, dec_all)
 
-        x, (k_all, v_all) = layer(x, positions, attention_fn, dms_on=False)
-        new_k.append(k_all)
-        new_v.append(v_all)
-    cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "pos": pos_all, "valid": valid_all}
-    return model.unembed(x).astype(jnp.float32), cache
+        x, (k_all, v_all, dec_all) = layer(x, positions, attention_fn, dms_on=dms_on)
+        new["k"].append(k_all)
+        new["v"].append(v_all)
+        new["decision"].append(dec_all)
+    out = {"k": jnp.stack(new["k"]), "v": jnp.stack(new["v"]), "pos": pos_all, "valid": valid_all}
+    if dms_on:
+        out["decision"] = jnp.stack(new["decision"])
+    return model.unembed(x).astype(jnp.float32), out
 
 
 def create_model(cfg: ModelConfig, dms_cfg: DMSConfig | None = None, *, seed: int = 0, dtype=jnp.float32,

