@@ -128,6 +128,23 @@ class TrainState:
     step: int = 0
 
 
+def zero_decision_neurons(model: CausalLM) -> None:
+    """Zeroes the q_proj outputs (and biases) that the neuron-reuse variant borrows as decision logits.
+
+    The decision logit is scale * q[..., d-1] - offset with scale = 100: an untouched pretrained neuron of
+    magnitude ~0.1 already gives logits of +-10, i.e. arbitrary evictions at step 0. Zeroing the borrowed
+    output makes every logit start at -offset (nothing evicted), as the adapter's zero initialisation does; the
+    lost query feature (one of d in the first head of each group) is what the distillation then repairs.
+    """
+    cfg = model.cfg
+    cols = [(g * cfg.group_size) * cfg.head_dim + cfg.head_dim - 1 for g in range(cfg.num_kv_heads)]
+    for layer in model.layers:
+        proj = layer.self_attn.q_proj
+        proj.kernel.value = proj.kernel.value.at[:, cols].set(0)
+        if proj.bias is not None:
+            proj.bias.value = proj.bias.value.at[cols].set(0)
+
+
 def split_model(model: CausalLM, cfg: DistillConfig):
     """(graphdef, trainable, frozen, teacher) states of a freshly loaded model."""
     graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.trainable), ...)

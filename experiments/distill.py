@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--no-remat", action="store_true")
     p.add_argument("--variant", default="neuron", help="decision logits: 'neuron' (paper) or 'adapter'")
     p.add_argument("--alpha-per", default="head", help="'head' or 'layer'")
+    p.add_argument("--neuron-init", default="zero", choices=["zero", "keep"],
+                   help="neuron variant: zero the borrowed q neuron so training starts from 'evict nothing'")
     p.add_argument("--window", type=int)
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--cr-initial", type=float, default=1.0)
@@ -227,6 +229,9 @@ def main(argv=None) -> dict:
     # ---- states, shardings, optimizer
     graphdef, params, frozen, teacher = train.split_model(model, train_cfg)
     original = jax.device_get(nnx.state(model))  # float32 weights of the original model, for the evaluation
+    if dms_cfg.variant == "neuron" and args.neuron_init == "zero" and not args.resume:
+        train.zero_decision_neurons(model)
+        graphdef, params, frozen, _ = train.split_model(model, train_cfg)
     p_sh, f_sh, t_sh = (sharding.state_shardings(s, mesh) for s in (params, frozen, teacher))
     params = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), params, p_sh)
     frozen = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), frozen, f_sh)
