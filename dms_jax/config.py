@@ -72,6 +72,12 @@ class ModelConfig:
             raise ValueError("use_sliding_window=True is not supported (sliding-window attention layers)")
         if c.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
+        layer_types = c.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"only full-attention layers are supported, got layer_types={sorted(set(layer_types))}")
+        act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (the Llama/Qwen MLP uses silu)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if c.get(k) is None]
         if missing:

@@ -51,11 +51,11 @@ def sample_next(logits, key, sampling: SamplingConfig):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
-    """tokens, positions, valid [B, P] for left-padded prompts."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 1):
+    """tokens, positions, valid [B, P] for left-padded prompts; P is rounded up to a multiple of pad_to_multiple."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // pad_to_multiple) * pad_to_multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     valid = np.zeros((len(prompts), width), bool)
     for i, p in enumerate(prompts):
@@ -102,17 +102,27 @@ def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_n
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None, seed: int = 0,
-             cache_dtype=None, dms: bool = False) -> list[list[int]]:
+             cache_dtype=None, dms: bool = False, pad_to_multiple: int = 64) -> list[list[int]]:
     """Generates continuations for a batch of token-id prompts of any lengths.
 
     stop_ids: generation of a row ends after it emits one of these (the stop token is included in the output);
     defaults to the model's EOS ids. dms: apply the model's hard DMS eviction (masked in a dense cache; the
     paged engine is what frees the memory). Returns one list of new token ids per prompt.
+    pad_to_multiple: the padded prompt width is rounded up to this multiple, so that prompts of similar lengths
+    share one compiled decode loop (left padding does not change the result).
     """
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     if dms and model.dms_cfg is None:
         raise ValueError("dms=True needs a model with a DMSConfig")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.cfg.vocab_size
+    if sampling.top_k > vocab:
+        raise ValueError(f"top_k={sampling.top_k} exceeds the vocabulary size {vocab}")
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
     context = model.cfg.max_position_embeddings
     longest = max((len(p) for p in prompts), default=0)
     if longest + max_new_tokens > context:
@@ -121,7 +131,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
             f"{context} tokens")
     stop = list(model.cfg.eos_token_ids if stop_ids is None else stop_ids) or [-1]
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else stop[0]
-    tokens, positions, valid = left_pad(prompts, max(pad, 0))
+    tokens, positions, valid = left_pad(prompts, max(pad, 0), pad_to_multiple)
     graphdef, state = nnx.split(model)
     out, lengths = _generate(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),

@@ -73,10 +73,11 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 def load_hf_config_dict(path: Path) -> dict:
     if path.suffix == ".gguf":
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
-    with open(path / "config.json") as f:
+        return gguf_config_dict(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    with open(config_file) as f:
         return json.load(f)
 
 
@@ -127,12 +128,19 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return (name if parts[0] == "lm_head" else "model." + name), transposed
 
 
+def _variable_value(var):
+    """The array (or ShapeDtypeStruct) in an NNX variable; flax >= 0.12 deprecates `.value`."""
+    if hasattr(var, "get_value"):
+        return var.get_value()
+    return var.value if hasattr(var, "value") else var
+
+
 def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
     """Flat HF-named float32 numpy arrays of the model's parameters."""
     out = {}
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = _hf_name(path)
-        arr = np.asarray(jax.device_get(value.value if hasattr(value, "value") else value), dtype=np.float32)
+        arr = np.asarray(jax.device_get(_variable_value(value)), dtype=np.float32)
         out[name] = arr.T if transposed else arr
     return out
 
@@ -150,7 +158,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DM
     missing, wrong = [], []
     for path, var in flat:
         name, transposed = _hf_name(path)
-        shape, vdtype = var.value.shape, var.value.dtype
+        shape, vdtype = _variable_value(var).shape, _variable_value(var).dtype
         if name in tensors:
             arr = np.asarray(tensors[name], dtype=np.float32)
             arr = arr.T if transposed else arr
@@ -166,11 +174,19 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DM
             missing.append(name)
             continue
         filled.append((path, var.replace(value)))
-    if missing or wrong:
+    # Tensors the architecture has no place for (e.g. q/k/v biases under a config without attention_bias) would
+    # otherwise be dropped silently and give wrong logits. Tolerated: the tied lm_head copy, RoPE buffers, and
+    # DMS adapter weights when the requested DMS variant has no adapter.
+    expected = {_hf_name(path)[0] for path, _ in flat}
+    unexpected = sorted(
+        k for k in tensors if k not in expected and not k.endswith("rotary_emb.inv_freq")
+        and "dms_proj_alpha" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)) if strict else []
+    if missing or wrong or unexpected:
         raise ValueError(
             "checkpoint does not match the architecture: "
             + (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} " if missing else "")
-            + (f"wrong shapes {wrong[:5]}" if wrong else ""))
+            + (f"wrong shapes {wrong[:5]} " if wrong else "")
+            + (f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else ""))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -228,13 +244,143 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+# GGUF: a small reader of our own. gguf.GGUFReader builds numpy views of every metadata item, including the
+# ~100K tokenizer strings, which takes seconds; we only need the model's hyper-parameters and the tensor table.
+# Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (versions 2 and 3, little-endian).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_ARRAY = 64  # longer arrays (the tokenizer's vocabulary and merges) are skipped, not decoded
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: fastest-varying first
+    qtype: int
+    offset: int  # absolute byte offset in the file
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    metadata: dict  # key -> value (long arrays are replaced by None)
+    tensors: list  # [GGUFTensorInfo]
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """The metadata and tensor table of a GGUF file, without touching the tensor data."""
+    import mmap
+    import struct
+
+    path = Path(path)
+    if path.stat().st_size < 24:
+        raise ValueError(f"{path} is not a GGUF file (only {path.stat().st_size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def unpack(fmt):
+            nonlocal pos
+            (value,) = struct.unpack_from(fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return value
+
+        def string():
+            nonlocal pos
+            n = unpack("<Q")
+            s = bytes(buf[pos: pos + n]).decode("utf-8", errors="replace")
+            pos += n
+            return s
+
+        def value(vtype):
+            nonlocal pos
+            if vtype in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[vtype])
+            if vtype == _GGUF_STRING:
+                return string()
+            if vtype == _GGUF_ARRAY:
+                etype, count = unpack("<I"), unpack("<Q")
+                if count <= _GGUF_MAX_ARRAY:
+                    return [value(etype) for _ in range(count)]
+                if etype in _GGUF_SCALARS:
+                    pos += count * struct.calcsize(_GGUF_SCALARS[etype])
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return None
+            raise ValueError(f"{path}: corrupt GGUF metadata (value type {vtype})")
+
+        if len(buf) < 24 or buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        pos = 4
+        version = unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = string()
+            metadata[key] = value(unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = tuple(unpack("<Q") for _ in range(unpack("<I")))
+            infos.append((name, dims, unpack("<I"), unpack("<Q")))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-pos // align) * align
+    tensors = [GGUFTensorInfo(n, d, q, data_start + o) for n, d, q, o in infos]
+    return GGUFHeader(metadata, tensors)
+
+
+def gguf_config_dict(path: str | os.PathLike, header: GGUFHeader | None = None) -> dict:
+    """HF config.json fields of a GGUF model (the subset ModelConfig.from_hf reads, as transformers maps them)."""
+    h = header or read_gguf_header(path)
+    m = h.metadata
+    arch = m.get("general.architecture")
+    names = {t.name for t in h.tensors}
+
+    def get(key, default=None):
+        return m.get(f"{arch}.{key}", default)
+
+    if arch not in ("llama", "qwen2", "qwen3"):
+        # ModelConfig.from_hf turns this into the "unsupported architecture" error.
+        return {"model_type": arch, "architectures": [str(arch)]}
+    if "rope_freqs.weight" in names or get("rope.scaling.type", "none") not in ("none", None):
+        raise ValueError(
+            f"{path}: GGUF RoPE scaling (rope_freqs / rope.scaling.*) is not supported; "
+            "load the model from its safetensors directory instead")
+    embd = next((t for t in h.tensors if t.name == "token_embd.weight"), None)
+    vocab = get("vocab_size") or (embd.dims[1] if embd is not None else None)
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    # Only Llama's rope.dimension_count is the head dim (Qwen may rotate part of it); key_length is explicit.
+    head_dim = (get("attention.key_length") or (get("rope.dimension_count") if arch == "llama" else None)
+                or (hidden // heads if hidden and heads else None))
+    return {
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_parameters": {"rope_type": "default", "rope_theta": get("rope.freq_base", 10000.0)},
+        "max_position_embeddings": get("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": m.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
+def read_gguf(path: Path, cfg: ModelConfig, header: GGUFHeader | None = None) -> dict[str, np.ndarray]:
     """Dequantised float32 HF-named tensors from a GGUF file."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    h = header or read_gguf_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
-    for t in reader.tensors:
+    for t in h.tensors:
         if t.name.startswith("blk."):
             _, layer, rest = t.name.split(".", 2)
             if rest not in _GGUF_LAYER_NAMES:
@@ -243,10 +389,15 @@ def read_gguf(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
         elif t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]
         else:
-            continue  # e.g. rope_freqs: derived from the config here
-        arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            continue  # e.g. rope_freqs (refused in gguf_config_dict)
+        qtype = gguf.GGMLQuantizationType(t.qtype)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         # GGUF lists dimensions fastest-first; numpy rows are the HF [out, in] rows.
-        arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
+        shape = tuple(int(d) for d in reversed(t.dims))
+        row_bytes = shape[-1] // block * block_bytes
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+        raw = data[t.offset: t.offset + n_rows * row_bytes].reshape(*shape[:-1], row_bytes)
+        arr = np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(shape)
         if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
             arr = _unpermute_rope_rows(arr, heads)
@@ -268,10 +419,11 @@ def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | None =
     dms: DMS settings to add; by default those stored in the checkpoint's config (or none).
     """
     p = resolve_model_path(path)
-    hf = load_hf_config_dict(p)
+    header = read_gguf_header(p) if p.suffix == ".gguf" else None
+    hf = gguf_config_dict(p, header) if header is not None else load_hf_config_dict(p)
     cfg = ModelConfig.from_hf(hf)
     dms_cfg = dms if dms is not None else dms_config_from_hf(hf)
-    tensors = read_gguf(p, cfg) if p.suffix == ".gguf" else read_safetensors_dir(p)
+    tensors = read_gguf(p, cfg, header) if header is not None else read_safetensors_dir(p)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     return from_hf_state_dict(cfg, tensors, dms_cfg, dtype=dtype, param_dtype=param_dtype)

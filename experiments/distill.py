@@ -26,7 +26,7 @@ PRESETS = {
     # What fits ~60 minutes of this 2-core CPU for SmolLM2-135M (see docs/results/retrofit_smollm2.json).
     # The adapter starts exactly at "evict nothing" (KL 0); zeroing a borrowed neuron costs ~0.25 nats of KL at
     # step 0 on SmolLM2, more than a short CPU run can win back.
-    "cpu": dict(steps=330, batch_size=4, grad_accum=1, seq_len=256, window=64, cr_final=5.0, cr_final_step=250,
+    "cpu": dict(steps=200, batch_size=4, grad_accum=1, seq_len=256, window=64, cr_final=5.0, cr_final_step=150,
                 lr=1e-4, trainable="all", variant="adapter", checkpoint_every=40, eval_seqs=16, eval_seq_len=2048,
                 passkey_cases=30, passkey_lengths="1024,2048"),
     # The README demo: a few minutes end to end.
@@ -170,6 +170,19 @@ def plot_metrics(metrics_file: Path, png: Path):
     plt.close(fig)
 
 
+def _to_host(tree):
+    """numpy copies of (possibly multi-process, sharded) global arrays; every process must call it."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def main(argv=None) -> dict:
     args, parser = parse_args(argv)
     try:
@@ -228,13 +241,15 @@ def main(argv=None) -> dict:
     dataset = data_lib.build_dataset(tokenizer, train_cfg.seq_len, args.data, text_field=args.text_field,
                                      last="drop")
     arch_meta = {"model_config": dataclasses.asdict(model.cfg), "dms_config": dataclasses.asdict(dms_cfg),
-                 "trainable": train_cfg.trainable}
+                 "trainable": train_cfg.trainable, "neuron_init": args.neuron_init}
     arch_meta = json.loads(json.dumps(arch_meta))  # tuples -> lists, as they come back from JSON
 
     # ---- states, shardings, optimizer
     graphdef, params, frozen, teacher = train.split_model(model, train_cfg)
     original = jax.device_get(nnx.state(model))  # float32 weights of the original model, for the evaluation
-    if dms_cfg.variant == "neuron" and args.neuron_init == "zero" and not args.resume:
+    if dms_cfg.variant == "neuron" and args.neuron_init == "zero":
+        # Also when resuming: the restored checkpoint overwrites the trainable weights, but a q_proj outside the
+        # trainable set lives in `frozen`, which must hold the same zeroed neuron as in the interrupted run.
         train.zero_decision_neurons(model)
         graphdef, params, frozen, _ = train.split_model(model, train_cfg)
     p_sh, f_sh, t_sh = (sharding.state_shardings(s, mesh) for s in (params, frozen, teacher))
@@ -273,6 +288,18 @@ def main(argv=None) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     if is_main and not args.resume and metrics_file.exists():
         metrics_file.unlink()
+    if is_main and args.resume and metrics_file.exists():
+        # A killed run may have logged steps after its last checkpoint; they are redone now, so drop them (and a
+        # line cut in half by the kill) to keep one row per step.
+        kept = []
+        for line in metrics_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= start_step:
+                kept.append(line + "\n")
+        metrics_file.write_text("".join(kept))
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
 
     # ---- training loop
@@ -311,7 +338,7 @@ def main(argv=None) -> dict:
 
     # ---- evaluation with hard decisions on held-out text, in float32 for both models
     eval_graphdef = nnx.split(abstract_model(model_cfg, dms_cfg))[0]
-    student = nnx.merge(eval_graphdef, jax.device_get(params), jax.device_get(frozen))
+    student = nnx.merge(eval_graphdef, _to_host(params), _to_host(frozen))
     teacher_state = original
     summary = {"steps": train_cfg.steps, "wall_seconds_train": train_seconds}
     if is_main and args.eval_seqs:
