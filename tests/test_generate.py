@@ -287,13 +287,15 @@ def test_cli_prompt_too_long(cli_with_loaded_model, capsys):
     assert "exceeds the model's context of 8192 tokens" in capsys.readouterr().err
 
 
-def test_demo_runs_the_generation_cli(monkeypatch):
+def test_demo_table_lists_original_and_dms_columns():
     from experiments import demo
-    from experiments import generate as cli
 
-    seen = []
-    monkeypatch.setattr(cli, "main", lambda argv=None: seen.append(argv) or ["ok"])
-    assert demo.main(["--temperature", "0.5"]) == ["ok"]
-    argv = seen[0]
-    assert argv.count("--prompt") == len(demo.DEMO_PROMPTS) and argv[-2:] == ["--temperature", "0.5"]
-    cli.build_parser().parse_args(argv)  # the demo's arguments are valid CLI arguments
+    result = {"ppl_vanilla": 15.0, "ppl_heldout": 16.5, "kl_heldout": 0.05, "compression_ratio": 3.2,
+              "cache_ratio": 2.9, "eval_seq_len": 512, "passkey_cases": 4,
+              "passkey_accuracy": {"512": 0.75}, "passkey_accuracy_vanilla": {"512": 1.0}}
+    table = demo.before_after_table(result).splitlines()
+    assert "original" in table[0] and "DMS" in table[0]
+    rows = {line.split("  ")[0].strip(): line.split()[-2:] for line in table[2:]}
+    assert rows["held-out perplexity"] == ["15.000", "16.500"]
+    assert rows["compression outside the window"] == ["1.000", "3.200"]
+    assert rows["passkey accuracy at 512 tokens (4 cases)"] == ["1.000", "0.750"]
