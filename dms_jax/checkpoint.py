@@ -32,14 +32,20 @@ class RetrofitCheckpoints:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()
         self.every = every
+        # Two managers save concurrently (async): in a multi-process run each needs its own barrier-key prefix,
+        # otherwise their finalize threads collide on the same coordination-service barrier
+        # ("Barrier ThreadSaveMultiHostValueHolder:set_value_start is already ongoing").
         self.latest = ocp.CheckpointManager(
             self.directory / "latest",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest")),
         )
         self.milestones = ocp.CheckpointManager(
             self.directory / "milestones",
-            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True),
+            options=ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=async_save, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="milestones")),
         )
 
     def latest_step(self) -> int | None:

@@ -74,6 +74,22 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def optimizer_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """NamedShardings for tx.init(params): every params-shaped subtree (Adam's mu and nu, a momentum trace) is
+    laid out like the parameters, everything else (step counts, empty states) is replicated.
+
+    Why not let jit propagate them: the moments are zeros_like(params), which do not depend on the parameters'
+    values, so XLA's propagation leaves them replicated: FSDP would shard the weights but keep full copies of the
+    optimizer state (twice the weights) on every device.
+    """
+    import optax
+
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
     """The batch dimension is split over the data and fsdp axes, the others are replicated."""
     spec = [None] * ndim

@@ -21,6 +21,8 @@ from dms_jax import dms
 from dms_jax.model import CausalLM
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# optax.global_norm is deprecated in favour of optax.tree.norm (optax >= 0.2.5); keep older optax working.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +142,9 @@ def zero_decision_neurons(model: CausalLM) -> None:
     cols = [(g * cfg.group_size) * cfg.head_dim + cfg.head_dim - 1 for g in range(cfg.num_kv_heads)]
     for layer in model.layers:
         proj = layer.self_attn.q_proj
-        proj.kernel.value = proj.kernel.value.at[:, cols].set(0)
+        proj.kernel[...] = proj.kernel[...].at[:, cols].set(0)
         if proj.bias is not None:
-            proj.bias.value = proj.bias.value.at[cols].set(0)
+            proj.bias[...] = proj.bias[...].at[cols].set(0)
 
 
 def split_model(model: CausalLM, cfg: DistillConfig):
@@ -151,8 +153,10 @@ def split_model(model: CausalLM, cfg: DistillConfig):
     if not jax.tree.leaves(params):
         raise ValueError(f"trainable={cfg.trainable!r} selects no parameter of this model")
     dtype = COMPUTE_DTYPES[cfg.compute_dtype]
-    # The teacher only runs forward: keep it in the compute dtype (half the memory in bf16).
-    teacher = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
+    # The teacher only runs forward: keep it in the compute dtype (half the memory in bf16). Always a copy: with
+    # compute_dtype float32, astype would return the very buffers of `params`, which the train step donates, so
+    # the first step would delete (or fail on) the teacher.
+    teacher = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), nnx.state(model))
     return graphdef, params, frozen, teacher
 
 
@@ -195,7 +199,7 @@ def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphd
         n = tokens.shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: v / n for k, v in metrics.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = _tree_norm(grads)
         metrics["target_cr"] = cfg.target_cr(step)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

@@ -82,8 +82,12 @@ def load_hf_config_dict(path: Path) -> dict:
 
 
 def dms_config_from_hf(c: Mapping) -> DMSConfig | None:
-    """DMSConfig from NVIDIA's config fields, or None when the checkpoint has no DMS."""
-    if not any(k in c for k in _DMS_HF_FIELDS):
+    """DMSConfig from NVIDIA's config fields, or None when the checkpoint has no DMS.
+
+    `dms_disable_eviction: true` (NVIDIA: "turns adapter DMS models into vanilla models") also gives None: the model
+    runs without eviction and any adapter weights are ignored.
+    """
+    if not any(k in c for k in _DMS_HF_FIELDS) or c.get("dms_disable_eviction", False):
         return None
     kw = {ours: c[theirs] for theirs, ours in _DMS_HF_FIELDS.items() if c.get(theirs) is not None}
     # dms_separate_alpha=True means a separate adapter predicts the decisions instead of a reused query neuron.
@@ -91,10 +95,20 @@ def dms_config_from_hf(c: Mapping) -> DMSConfig | None:
     return DMSConfig(**kw)
 
 
-def dms_config_to_hf(d: DMSConfig, *, compression_ratio: float | None = None, block_size: int = 256) -> dict:
+def default_block_size(window: int, cap: int = 256) -> int:
+    """The paged-cache block size to record for a window: NVIDIA's Qwen3ConfigDMS asserts
+    dms_window_size > dms_paged_attention_block_size, so a fixed 256 would make every export with a window of
+    256 or less (e.g. the CPU preset's 64) unloadable there. Largest power of two below the window, at most `cap`."""
+    size = 1
+    while size * 2 < window and size * 2 <= cap:
+        size *= 2
+    return size
+
+
+def dms_config_to_hf(d: DMSConfig, *, compression_ratio: float | None = None, block_size: int | None = None) -> dict:
     out = {theirs: getattr(d, ours) for theirs, ours in _DMS_HF_FIELDS.items()}
     out["dms_separate_alpha"] = d.variant == "adapter"
-    out["dms_paged_attention_block_size"] = block_size
+    out["dms_paged_attention_block_size"] = default_block_size(d.window) if block_size is None else block_size
     if compression_ratio is not None:
         out["dms_cr"] = compression_ratio
     return out
@@ -181,6 +195,10 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DM
     unexpected = sorted(
         k for k in tensors if k not in expected and not k.endswith("rotary_emb.inv_freq")
         and "dms_proj_alpha" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)) if strict else []
+    # NVIDIA's adapter carries a bias when attention_bias is set; ours has none: refuse rather than ignore it.
+    adapter_bias = sorted(k for k in tensors if k.endswith("dms_proj_alpha.bias"))
+    if adapter_bias:
+        raise ValueError(f"DMS adapter biases are not supported (found {adapter_bias[:2]}...)")
     if missing or wrong or unexpected:
         raise ValueError(
             "checkpoint does not match the architecture: "

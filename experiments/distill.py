@@ -170,6 +170,14 @@ def plot_metrics(metrics_file: Path, png: Path):
     plt.close(fig)
 
 
+def _exact_target_cr(train_cfg, step: int) -> float:
+    """The CR schedule in Python floats, for choosing milestone steps. The float32 jnp schedule that drives the
+    loss can land a hair below a whole CR (XLA's vectorised division: 3.9999998 at the last step of 1 -> 4 over
+    41 steps), which would save that milestone a step late, or never when it falls on the last step."""
+    final = train_cfg.schedule_final_step
+    return train_cfg.cr_initial + (train_cfg.cr_final - train_cfg.cr_initial) * min(step, final) / final
+
+
 def _to_host(tree):
     """numpy copies of (possibly multi-process, sharded) global arrays; every process must call it."""
     import jax
@@ -244,6 +252,22 @@ def main(argv=None) -> dict:
                  "trainable": train_cfg.trainable, "neuron_init": args.neuron_init}
     arch_meta = json.loads(json.dumps(arch_meta))  # tuples -> lists, as they come back from JSON
 
+    # ---- checkpoints: refuse a mismatched or unexpected run directory before any state is built
+    ckpt = RetrofitCheckpoints(run_dir / "checkpoints", every=args.checkpoint_every, keep=args.keep_checkpoints,
+                               async_save=not args.no_async_checkpoint)
+    if args.resume:
+        meta = ckpt.read_meta()
+        if meta is None:
+            ckpt.close()
+            parser.error(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        if meta.get("arch") != arch_meta:
+            ckpt.close()
+            parser.error("--resume: the checkpoint was made for another architecture / DMS setting / trainable set:"
+                         f" {meta.get('arch')} vs {arch_meta}")
+    elif ckpt.latest_step() is not None:
+        ckpt.close()
+        parser.error(f"{run_dir / 'checkpoints'} already holds a run; pass --resume or choose another --run-dir")
+
     # ---- states, shardings, optimizer
     graphdef, params, frozen, teacher = train.split_model(model, train_cfg)
     original = jax.device_get(nnx.state(model))  # float32 weights of the original model, for the evaluation
@@ -260,29 +284,17 @@ def main(argv=None) -> dict:
     del model
     tx = train.make_optimizer(train_cfg)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)
-    # Pin every optimizer leaf to a NamedSharding on the mesh and commit it. Leaves that XLA left on one device
-    # (the step count; all of them on a 1-device mesh) would otherwise (a) be uncommitted single-device arrays
-    # at step 0 but committed mesh arrays from step 1 on, so the train step compiled twice, and (b) in a
-    # multi-process run live on process 0's device only, which the jitted step refuses.
-    o_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
-                        opt_state)
-    opt_state = jax.device_put(opt_state, o_sh)
+    # Explicit mesh shardings for every optimizer leaf: Adam's moments like their parameters (left to jit they
+    # come out replicated, so FSDP would not shard them), the rest replicated. Leaves left to jit would also
+    # (a) be uncommitted single-device arrays at step 0 but committed mesh arrays from step 1 on, so the train
+    # step compiled twice, and (b) in a multi-process run live on process 0's device only, which the step refuses.
+    o_sh = sharding.optimizer_shardings(tx, params, p_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
 
-    ckpt = RetrofitCheckpoints(run_dir / "checkpoints", every=args.checkpoint_every, keep=args.keep_checkpoints,
-                               async_save=not args.no_async_checkpoint)
     start_step = 0
     if args.resume:
-        meta = ckpt.read_meta()
-        if meta is None:
-            parser.error(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        if meta.get("arch") != arch_meta:
-            parser.error("--resume: the checkpoint was made for another architecture / DMS setting / trainable set:"
-                         f" {meta.get('arch')} vs {arch_meta}")
         params, opt_state, meta, start_step = ckpt.restore(params, opt_state, param_shardings=p_sh,
                                                            opt_shardings=o_sh)
-    elif ckpt.latest_step() is not None:
-        parser.error(f"{run_dir / 'checkpoints'} already holds a run; pass --resume or choose another --run-dir")
 
     step_fn = train.make_train_step(train_cfg, tx, graphdef, out_shardings=(p_sh, o_sh, replicated))
     metrics_file = run_dir / "metrics.jsonl"
@@ -313,9 +325,12 @@ def main(argv=None) -> dict:
         toks, val = sharding.put_batch(toks, mesh, batch_dim=1), sharding.put_batch(val, mesh, batch_dim=1)
         new_params, new_opt, m = step_fn(params, frozen, teacher, opt_state, toks, val, step)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not all(math.isfinite(v) for v in m.values()):
+        bad = sorted(k for k, v in m.items() if not math.isfinite(v))
+        if bad:
+            # The step's update is dropped (its gradients are not finite); saved checkpoints predate it.
             ckpt.wait()
-            raise SystemExit(f"non-finite loss at step {step}: {m}; stopped. The last good checkpoint "
+            raise SystemExit(f"non-finite loss/gradient ({', '.join(bad)}) at step {step + 1}: {m}; stopped. "
+                             f"The last good checkpoint "
                              f"(step {ckpt.latest_step()}) in {run_dir / 'checkpoints'} is kept: resume with --resume "
                              "after lowering --lr")
         params, opt_state = new_params, new_opt
@@ -330,9 +345,9 @@ def main(argv=None) -> dict:
         done = step + 1
         meta = {"arch": arch_meta, "step": done, "command": command}
         ckpt.save(done, params, opt_state, meta, force=done == train_cfg.steps)
-        prev_cr, cr = train_cfg.target_cr(done - 1), train_cfg.target_cr(done)
+        prev_cr, cr = _exact_target_cr(train_cfg, done - 1), _exact_target_cr(train_cfg, done)
         if math.floor(cr) > math.floor(prev_cr):  # a whole CR was reached at this step
-            ckpt.save_milestone(done, params, dict(meta, target_cr=float(cr)))
+            ckpt.save_milestone(done, params, dict(meta, target_cr=cr))
     ckpt.wait()
     train_seconds = time.time() - started
 
