@@ -3,10 +3,12 @@
     python -m experiments.generate --prompt "What is the capital of France?"
     python -m experiments.generate --prompt "Hi" --prompt "Tell me a joke" --temperature 0.7 --top-p 0.9
     python -m experiments.generate --model path/to/hf_dir --no-chat --prompt "The quick brown fox"
+    python -m experiments.generate --model path/to/dms_checkpoint --dms --chains 4 --temperature 0.7 --prompt "Hi"
 
-All prompts run as one left-padded batch through a jit-compiled decode loop with a dense KV cache. Prompts go
-through the model's chat template unless --no-chat. The first call includes jit compilation; use --repeat 2 to
-also time a compiled run.
+All prompts run as one left-padded batch through a jit-compiled decode loop with a dense KV cache, or, with --dms,
+--chains or --budget-pages, through the paged engine (dms_jax.engine: per-head pages, DMS eviction that frees
+memory, chains sharing the prompt's pages, a page budget). Prompts go through the model's chat template unless
+--no-chat. The first call includes jit compilation; use --repeat 2 to also time a compiled run.
 """
 
 from __future__ import annotations
@@ -58,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="feed prompts as raw text, without the chat template")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--repeat", type=_positive_int, default=1, help="run the batch N times (timing after compile)")
-    # Later: --dms / --chains / --budget-pages select the DMS paged engine; they are not implemented yet.
+    engine = p.add_argument_group("paged engine (any of these flags selects it instead of the dense cache)")
+    engine.add_argument("--dms", action="store_true",
+                        help="evict with the model's learned DMS decisions (needs a checkpoint with DMS settings)")
+    engine.add_argument("--chains", type=_positive_int, default=1,
+                        help="parallel chains per prompt, sharing the prompt's prefill (copy-on-write pages)")
+    engine.add_argument("--budget-pages", type=_positive_int, default=None,
+                        help="KV page pool size (memory budget); sequences that do not fit are preempted and "
+                             "reported (default: enough for every token)")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    """Runs the CLI; returns the decoded answers (one per prompt)."""
+    """Runs the CLI; returns the decoded answers (one per prompt, or per chain: prompt-major)."""
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -89,11 +98,25 @@ def main(argv: list[str] | None = None) -> list[str]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
         stop.append(tokenizer.eos_token_id)
 
+    use_engine = args.dms or args.chains > 1 or args.budget_pages is not None
+    if args.dms and model.dms_cfg is None:
+        parser.error(f"--dms needs a model with DMS settings (a retrofitted checkpoint); "
+                     f"{args.model or 'the default model'} has none")
+    if use_engine:
+        from dms_jax.engine import Engine
+
+        engine = Engine(model, "dms" if args.dms else "vanilla", budget_pages=args.budget_pages)
+    notes = [""] * (len(prompts) * args.chains)
     for run in range(args.repeat):
         t0 = time.perf_counter()
         try:
-            outputs = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               stop_ids=stop, seed=args.seed)
+            if use_engine:
+                result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                         stop_ids=stop, seed=args.seed, chains=args.chains)
+                outputs = result.tokens()
+            else:
+                outputs = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                   stop_ids=stop, seed=args.seed)
         except ValueError as e:
             parser.error(str(e))
         seconds = time.perf_counter() - t0
@@ -101,12 +124,22 @@ def main(argv: list[str] | None = None) -> list[str]:
         note = " (includes jit compilation)" if run == 0 else ""
         print(f"[run {run + 1}] {n_new} new tokens for {len(prompts)} prompt(s) in {seconds:.2f} s: "
               f"{n_new / seconds:.1f} tokens/s{note}", file=sys.stderr)
+        if use_engine:
+            policy = " ".join(f"{k}={v}" for k, v in result.policy.items())
+            print(f"[run {run + 1}] {policy}: KV pool high-water {result.pool_high_water_pages} pages "
+                  f"({result.pool_high_water_bytes / 2**20:.1f} MiB) of {result.budget_pages}", file=sys.stderr)
+            for i, r in enumerate(result.requests):
+                m = r.metrics
+                notes[i] = (f", compression {m.compression_ratio:.2f}x, KV reads {m.kv_token_reads}"
+                            + (", PREEMPTED: the page budget ran out" if r.status == "preempted" else ""))
 
     answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    for i, (prompt, answer, ids) in enumerate(zip(args.prompt, answers, outputs)):
-        print(f"### prompt {i + 1} ({len(prompts[i])} tokens): {prompt}")
+    for i, (answer, ids) in enumerate(zip(answers, outputs)):
+        k, chain = divmod(i, args.chains)
+        label = f"### prompt {k + 1}" + (f" chain {chain + 1}" if args.chains > 1 else "")
+        print(f"{label} ({len(prompts[k])} tokens): {args.prompt[k]}")
         print(answer)
-        print(f"### ({len(ids)} new tokens{', stopped' if ids and ids[-1] in stop else ''})\n")
+        print(f"### ({len(ids)} new tokens{', stopped' if ids and ids[-1] in stop else ''}{notes[i]})\n")
     return answers
 
 

@@ -1,0 +1,748 @@
+"""Paged KV cache, one paged sequence per (sequence, layer, KV head), with DMS delayed eviction.
+
+Memory layout (DESIGN.md section 1, "Reference cache"):
+
+* ``k_pages``, ``v_pages`` ``[pool_pages, page_size, D]``: one static pool shared by every sequence, layer and KV
+  head -- the memory budget. A page holds tokens of exactly one (sequence, layer, KV head). Page 0 is a reserved
+  *sink*: masked writes land there and unused block-table entries point at it, so every index is in range and no
+  write needs a branch. The budget given by the user (``CacheSpec.num_pages``) excludes the sink.
+* ``refcount`` ``[pool_pages]`` int32: how many block-table entries point at each page; 0 = free. Chains forked
+  from one prompt share its pages copy-on-write, so a page can have several owners; it returns to the pool when
+  the last one lets go. Allocation happens on device inside jit: the first free pages of the pool
+  (``jnp.nonzero(refcount == 0, size=...)``) are handed out in head order.
+* ``block_tables`` ``[L, S, Hkv, M]`` and ``lengths`` ``[L, S, Hkv]``: slots ``0 .. length-1`` of a head's pages (in
+  table order) hold its live tokens, in no particular temporal order (RoPE is applied before caching).
+* the ring of the last ``R = window + 1`` tokens of each head: ``ring_slot`` (where the token lives) and
+  ``ring_dec`` (its eviction decision; "pending" = keep until the next token's logit is known). Token ``p`` sits at
+  ring index ``p % R``.
+* ``num_tokens`` ``[S]``: tokens written so far per sequence (= the position of the next token).
+
+The DMS update for an incoming token at position ``t`` (identical for every head, vectorised over all of them):
+the ring entry ``t % R`` holds token ``t - R = t - window - 1``, the token that leaves the window now. If its
+decision is 1 its slot is *overwritten* by the new token (length unchanged, the evicted token is gone); otherwise
+the new token is *appended* at slot ``length`` and takes a new page when ``length`` is a multiple of the page
+size. The decision for token ``t - 1`` is the logit computed at ``t`` (the one-token shift); it is stored in the
+ring after the forward of token ``t``. The invariant: after inserting token ``t`` the head holds exactly the tokens
+``{j <= t : t - j <= window or d_j = 0}`` -- the visible set of the hard-mode attention mask -- so live slots equal
+live tokens and memory is actually freed (not masked).
+
+Eviction policies (`EvictionPolicy`) decide *which* tokens go; this file implements "vanilla" (no eviction),
+"dms" (the model's learned decisions) and "fixed" (a position pattern with a chosen compression ratio, for
+benchmarks). Baselines (TOVA, H2O, StreamingLLM, Quest) plug in through the same object: see its docstring.
+
+All functions here are pure and jit-compatible; the engine (engine.py) composes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dms_jax import dms
+
+Array = jax.Array
+
+SINK_PAGE = 0  # never allocated, never freed: the target of masked writes and unused table entries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Static description and state
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static shape of a paged cache (hashable: a jit static argument).
+
+    num_pages: the memory budget in pages (the pool holds one more page, the sink). max_seqs: sequence slots.
+    max_pages_per_head: block-table width (pages one head may hold: ceil(max tokens / page_size)).
+    window: the DMS window (the ring holds window + 1 tokens). dtype: K/V storage dtype name.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_pages: int
+    page_size: int
+    max_seqs: int
+    max_pages_per_head: int
+    window: int
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_pages", "page_size", "max_seqs",
+                     "max_pages_per_head", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+    @property
+    def pool_pages(self) -> int:
+        return self.num_pages + 1
+
+    @property
+    def ring(self) -> int:
+        return self.window + 1
+
+    @property
+    def bytes_per_page(self) -> int:
+        """K and V bytes of one page."""
+        return 2 * self.page_size * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def max_tokens_per_head(self) -> int:
+        return self.max_pages_per_head * self.page_size
+
+    @classmethod
+    def create(cls, *, num_layers, num_kv_heads, head_dim, max_seqs, max_context, window, page_size=16,
+               num_pages=None, dtype="float32") -> "CacheSpec":
+        """num_pages=None: enough for every sequence to keep every token (no eviction, no sharing)."""
+        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context < 1:
+            raise ValueError(f"max_context must be an integer >= 1, got {max_context!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+            raise ValueError(f"page_size must be an integer >= 1, got {page_size!r}")
+        m = -(-int(max_context) // int(page_size))
+        if num_pages is None:
+            num_pages = num_layers * max_seqs * num_kv_heads * m
+        return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=int(num_pages),
+                   page_size=int(page_size), max_seqs=int(max_seqs), max_pages_per_head=m, window=int(window),
+                   dtype=jnp.dtype(dtype).name)
+
+
+@struct.dataclass
+class PagedCache:
+    """The cache state: a pytree of device arrays (see the module docstring for each field)."""
+
+    k_pages: Array  # [P, page_size, D]
+    v_pages: Array  # [P, page_size, D]
+    refcount: Array  # [P] int32
+    block_tables: Array  # [L, S, Hkv, M] int32
+    lengths: Array  # [L, S, Hkv] int32
+    ring_slot: Array  # [L, S, Hkv, R] int32
+    ring_dec: Array  # [L, S, Hkv, R] bool
+    num_tokens: Array  # [S] int32
+    high_water: Array  # [] int32: most pages in use at once (excluding the sink) since creation
+
+
+def init_cache(spec: CacheSpec) -> PagedCache:
+    """An empty cache: every page free, every table pointing at the sink."""
+    L, S, H, M, R = spec.num_layers, spec.max_seqs, spec.num_kv_heads, spec.max_pages_per_head, spec.ring
+    shape = (spec.pool_pages, spec.page_size, spec.head_dim)
+    return PagedCache(
+        k_pages=jnp.zeros(shape, spec.dtype),
+        v_pages=jnp.zeros(shape, spec.dtype),
+        refcount=jnp.zeros((spec.pool_pages,), jnp.int32).at[SINK_PAGE].set(1),
+        block_tables=jnp.full((L, S, H, M), SINK_PAGE, jnp.int32),
+        lengths=jnp.zeros((L, S, H), jnp.int32),
+        ring_slot=jnp.zeros((L, S, H, R), jnp.int32),
+        ring_dec=jnp.zeros((L, S, H, R), bool),
+        num_tokens=jnp.zeros((S,), jnp.int32),
+        high_water=jnp.zeros((), jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eviction policies
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionPolicy:
+    """Decides which tokens leave the cache. Frozen and hashable: it is a static argument of the jitted engine.
+
+    The engine calls, inside jit:
+
+    * ``decisions(logits, positions)``: ``logits`` ``[B, Hkv, T]`` are the model's decision logits computed at
+      ``positions`` ``[B, T]`` (``None`` when ``uses_model_decisions`` is False). Returns the 0/1 (bool) eviction
+      decision for the token at ``positions - 1`` (the one-token shift). A marked token stays ``window`` more
+      positions, then its slot is reused. Vanilla returns all False.
+    * ``victims(ring_victim, lengths, state)``: ``[L, S, Hkv]`` slot the incoming decode token overwrites (-1 =
+      append). The default is the ring's answer (the token leaving the window, if marked). Score-based
+      policies (TOVA, H2O) return their own victim slot here, chosen from per-slot scores they keep in ``state``
+      (updated by ``observe_attention``); StreamingLLM is a decision policy (decision = position >= sinks).
+    * ``page_mask(q, block_tables, lengths, state)``: optional ``[S, Hkv, M]`` pages the decode attention reads
+      (Quest: top pages by key bounds); None reads every live page.
+
+    ``uses_model_decisions`` says whether the model computes DMS logits (and zeroes its borrowed query neuron):
+    only the "dms" policy does; the others run the model unchanged.
+    """
+
+    name: ClassVar[str] = "base"
+    window: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+    @property
+    def uses_model_decisions(self) -> bool:
+        return False
+
+    def decisions(self, logits: Array | None, positions: Array, num_kv_heads: int) -> Array:
+        raise NotImplementedError
+
+    def victims(self, ring_victim: Array, lengths: Array, state: Any = None) -> Array:
+        return ring_victim
+
+    def page_mask(self, q, block_tables, lengths, state: Any = None):
+        return None
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "window": int(self.window)}
+
+
+@dataclasses.dataclass(frozen=True)
+class VanillaPolicy(EvictionPolicy):
+    """No eviction: every token stays (a dense cache, paged)."""
+
+    name: ClassVar[str] = "vanilla"
+
+    def decisions(self, logits, positions, num_kv_heads):
+        b, t = positions.shape
+        return jnp.zeros((b, num_kv_heads, t), bool)
+
+    def describe(self) -> dict:
+        return {"policy": self.name}
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSPolicy(EvictionPolicy):
+    """The model's learned hard decisions: token j is evicted iff the logit computed at j + 1 is > 0."""
+
+    name: ClassVar[str] = "dms"
+    alpha_per: str = "head"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha_per not in dms.ALPHA_PER:
+            raise ValueError(f"alpha_per must be one of {dms.ALPHA_PER}, got {self.alpha_per!r}")
+
+    @property
+    def uses_model_decisions(self) -> bool:
+        return True
+
+    def decisions(self, logits, positions, num_kv_heads):
+        if logits is None:
+            raise ValueError("the dms policy needs the model's decision logits")
+        return dms.hard_decisions(dms.apply_alpha_per(logits, self.alpha_per)) > 0.5
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "window": int(self.window), "alpha_per": self.alpha_per}
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRatePolicy(EvictionPolicy):
+    """Fixed decisions with a chosen compression ratio: token j is kept iff ``j % cr == 0``, else evicted once it
+    leaves the window. Outside the window this keeps exactly one token in ``cr``; the model is not consulted
+    (for benchmarks of memory and speed without a retrofitted checkpoint)."""
+
+    name: ClassVar[str] = "fixed"
+    cr: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.cr, bool) or not isinstance(self.cr, (int, np.integer)) or self.cr < 1:
+            raise ValueError(f"cr must be an integer >= 1, got {self.cr!r}")
+
+    def decisions(self, logits, positions, num_kv_heads):
+        owner = positions - 1
+        d = (owner >= 0) & (owner % self.cr != 0)
+        return jnp.broadcast_to(d[:, None, :], (positions.shape[0], num_kv_heads, positions.shape[1]))
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "window": int(self.window), "cr": int(self.cr)}
+
+
+POLICIES = ("vanilla", "dms", "fixed")
+
+
+def make_policy(name: str | EvictionPolicy, dms_cfg=None, **kw) -> EvictionPolicy:
+    """A policy by name: "vanilla", "dms" (window / alpha_per from the model's DMSConfig unless given), "fixed"."""
+    if isinstance(name, EvictionPolicy):
+        return name
+    if name == "vanilla":
+        return VanillaPolicy()
+    if name == "dms":
+        if dms_cfg is None and "window" not in kw:
+            raise ValueError("policy 'dms' needs a model with a DMSConfig (or an explicit window)")
+        window = kw.pop("window", None) or dms_cfg.window
+        alpha_per = kw.pop("alpha_per", None) or (dms_cfg.alpha_per if dms_cfg is not None else "head")
+        return DMSPolicy(window=window, alpha_per=alpha_per, **kw)
+    if name == "fixed":
+        return FixedRatePolicy(**kw)
+    raise ValueError(f"unknown eviction policy {name!r}; known: {POLICIES}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Page accounting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pages_for(lengths: Array, page_size: int) -> Array:
+    """Pages a head of ``lengths`` live slots holds (ceil)."""
+    return (lengths + page_size - 1) // page_size
+
+
+def free_pages(refcount: Array) -> Array:
+    return jnp.sum(refcount == 0, dtype=jnp.int32)
+
+
+def used_pages(refcount: Array) -> Array:
+    """Pages in use, excluding the sink."""
+    return jnp.sum(refcount[1:] > 0, dtype=jnp.int32)
+
+
+def allocate(refcount: Array, need: Array) -> tuple[Array, Array]:
+    """Hands out one free page to every True entry of ``need`` (any shape), in flattened order.
+
+    Returns (page ids with ``need``'s shape, SINK_PAGE where not needed; new refcount). The caller has checked that
+    enough pages are free (``sum(need) <= free_pages``); entries past the free pages would get the sink.
+    """
+    flat = need.reshape(-1)
+    n = flat.shape[0]
+    free_ids = jnp.nonzero(refcount == 0, size=n, fill_value=SINK_PAGE)[0].astype(jnp.int32)
+    rank = jnp.cumsum(flat.astype(jnp.int32)) - 1
+    ids = jnp.where(flat, free_ids[jnp.clip(rank, 0, n - 1)], SINK_PAGE)
+    refcount = refcount.at[ids].add(flat.astype(jnp.int32))
+    refcount = refcount.at[SINK_PAGE].set(1)
+    return ids.reshape(need.shape), refcount
+
+
+def table_refs(cache: PagedCache, page_size: int) -> Array:
+    """[L, S, Hkv, M] bool: the table entries that reference a page (below each head's page count)."""
+    m = cache.block_tables.shape[-1]
+    return jnp.arange(m) < pages_for(cache.lengths, page_size)[..., None]
+
+
+def release(cache: PagedCache, seqs: Array, page_size: int) -> PagedCache:
+    """Lets sequences ``seqs`` ``[S]`` bool go: drops their page references (pages whose count reaches 0 are free
+    again) and resets their tables, lengths, ring and token count."""
+    refs = table_refs(cache, page_size) & seqs[None, :, None, None]
+    refcount = cache.refcount.at[cache.block_tables.reshape(-1)].add(-refs.reshape(-1).astype(jnp.int32))
+    refcount = refcount.at[SINK_PAGE].set(1)
+    keep3 = ~seqs[None, :, None]
+    return cache.replace(
+        refcount=refcount,
+        block_tables=jnp.where(keep3[..., None], cache.block_tables, SINK_PAGE),
+        lengths=jnp.where(keep3, cache.lengths, 0),
+        ring_slot=jnp.where(keep3[..., None], cache.ring_slot, 0),
+        ring_dec=cache.ring_dec & keep3[..., None],
+        num_tokens=jnp.where(seqs, 0, cache.num_tokens),
+    )
+
+
+def drop_rows(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array, rows: Array,
+              page_size: int):
+    """``release`` for the rows ``rows`` ``[B]`` of one layer's arrays (tables ``[B, H, M]``, lengths ``[B, H]``,
+    ring ``[B, H, R]``): their pages in this layer go back to the pool at once. Returns the updated arrays."""
+    refs = (jnp.arange(tables.shape[-1]) < pages_for(lengths, page_size)[..., None]) & rows[:, None, None]
+    refcount = refcount.at[tables.reshape(-1)].add(-refs.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
+    keep = ~rows[:, None]
+    return (refcount, jnp.where(keep[..., None], tables, SINK_PAGE), jnp.where(keep, lengths, 0),
+            jnp.where(keep[..., None], ring_slot, 0), ring_dec & keep[..., None])
+
+
+def fork(cache: PagedCache, src: Array, dst: Array, page_size: int) -> PagedCache:
+    """Copy-on-write fork: sequence ``dst[i]`` becomes a copy of ``src[i]`` sharing all its pages (``[K]`` int32).
+
+    Nothing is copied now; a page is copied the first time a sharer writes into it (see ``plan_decode``). The
+    destinations must be empty (freshly released) slots.
+    """
+    tables = cache.block_tables.at[:, dst].set(cache.block_tables[:, src])
+    lengths = cache.lengths.at[:, dst].set(cache.lengths[:, src])
+    refs = jnp.arange(tables.shape[-1]) < pages_for(cache.lengths[:, src], page_size)[..., None]
+    refcount = cache.refcount.at[cache.block_tables[:, src].reshape(-1)].add(refs.reshape(-1).astype(jnp.int32))
+    return cache.replace(
+        refcount=refcount.at[SINK_PAGE].set(1),
+        block_tables=tables,
+        lengths=lengths,
+        ring_slot=cache.ring_slot.at[:, dst].set(cache.ring_slot[:, src]),
+        ring_dec=cache.ring_dec.at[:, dst].set(cache.ring_dec[:, src]),
+        num_tokens=cache.num_tokens.at[dst].set(cache.num_tokens[src]),
+    )
+
+
+def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
+    """The same pool with ``max_seqs`` sequence slots: existing slots keep their index, new ones are empty.
+    Dropped slots must be empty (released). Use with ``dataclasses.replace(spec, max_seqs=...)``."""
+    s = cache.num_tokens.shape[0]
+    if max_seqs < s and bool(jnp.any(cache.lengths[:, max_seqs:] > 0)):
+        raise ValueError(f"slots {max_seqs}..{s - 1} still hold tokens; release them first")
+
+    def fit(x, axis, fill):
+        if max_seqs <= s:
+            return jax.lax.slice_in_dim(x, 0, max_seqs, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, max_seqs - s)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    return cache.replace(
+        block_tables=fit(cache.block_tables, 1, SINK_PAGE), lengths=fit(cache.lengths, 1, 0),
+        ring_slot=fit(cache.ring_slot, 1, 0), ring_dec=fit(cache.ring_dec, 1, False),
+        num_tokens=fit(cache.num_tokens, 0, 0))
+
+
+def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
+    """[S] pages only this sequence references (refcount 1): what letting it go frees for sure."""
+    refs = table_refs(cache, page_size)
+    rc = cache.refcount[cache.block_tables]
+    return jnp.sum(refs & (rc == 1), axis=(0, 2, 3), dtype=jnp.int32)
+
+
+def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: Array) -> Array:
+    """Which sequences to preempt so that the remaining page requests fit: ``[S]`` bool.
+
+    need: pages each sequence asks for now; freeable: pages preempting it returns at once; candidate: may be
+    preempted. Candidates go highest slot first (the most recently admitted), and only as many as needed: the
+    shortest such prefix with ``n_free + freed >= total need - need of the preempted``. Empty when it fits.
+    When every sequence that needs a page is a candidate a solution always exists.
+    """
+    s = need.shape[0]
+    order = jnp.arange(s - 1, -1, -1)
+    gain_all = freeable[order] + need[order]
+    c = candidate[order] & (gain_all > 0)  # preempting a sequence that neither asks nor frees helps nobody
+    gain = jnp.where(c, gain_all, 0)
+    total = jnp.sum(need)
+    ok = n_free + jnp.cumsum(gain) >= total
+    first = jnp.where(jnp.any(ok), jnp.argmax(ok), s - 1)  # no prefix suffices: every candidate goes
+    pre = c & (jnp.arange(s) <= first) & (n_free < total)
+    return jnp.zeros((s,), bool).at[order].set(pre)
+
+
+def note_high_water(cache: PagedCache) -> PagedCache:
+    return cache.replace(high_water=jnp.maximum(cache.high_water, used_pages(cache.refcount)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode: one token per sequence
+# ---------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class DecodePlan:
+    """Where each head's incoming token goes, decided before the forward (all of it is known then: the token that
+    leaves the window was decided at least one step ago)."""
+
+    target: Array  # [L, S, H] slot the token is written to
+    new_lengths: Array  # [L, S, H]
+    need: Array  # [L, S, H] bool: needs a fresh page (append at a page boundary, or copy-on-write)
+    cow: Array  # [L, S, H] bool: the target page is shared and must be copied first
+    page_index: Array  # [L, S, H] table index of the target page
+
+
+def plan_decode(cache: PagedCache, spec: CacheSpec, active: Array, policy: EvictionPolicy,
+                policy_state: Any = None) -> DecodePlan:
+    ps, r = spec.page_size, spec.ring
+    n = cache.num_tokens[None, :, None]  # position of the incoming token
+    idx = (cache.num_tokens % r)[None, :, None, None]
+    old_slot = jnp.take_along_axis(cache.ring_slot, idx, axis=-1)[..., 0]
+    old_dec = jnp.take_along_axis(cache.ring_dec, idx, axis=-1)[..., 0] & (n >= r)
+    ring_victim = jnp.where(old_dec, old_slot, -1)
+    victim = policy.victims(ring_victim, cache.lengths, policy_state)
+    act = active[None, :, None]
+    overwrite = (victim >= 0) & act
+    target = jnp.where(overwrite, victim, cache.lengths)
+    append = act & ~overwrite
+    new_lengths = cache.lengths + append.astype(jnp.int32)
+    page_index = target // ps
+    fresh = append & (cache.lengths % ps == 0)
+    cur = jnp.take_along_axis(cache.block_tables, jnp.minimum(page_index, spec.max_pages_per_head - 1)[..., None],
+                              axis=-1)[..., 0]
+    cow = act & ~fresh & (cache.refcount[cur] > 1)
+    return DecodePlan(target=target, new_lengths=new_lengths, need=fresh | cow, cow=cow, page_index=page_index)
+
+
+def apply_decode_plan(cache: PagedCache, spec: CacheSpec, plan: DecodePlan, active: Array):
+    """Allocates the planned pages (the caller made sure they fit), copies shared target pages (copy-on-write),
+    records the incoming token in the ring with a pending decision, bumps lengths and token counts.
+
+    Returns (cache, write_page [L, S, H], write_offset [L, S, H]); inactive heads write to the sink.
+    """
+    ps, r = spec.page_size, spec.ring
+    ids, refcount = allocate(cache.refcount, plan.need)
+    pidx = jnp.minimum(plan.page_index, spec.max_pages_per_head - 1)[..., None]
+    old = jnp.take_along_axis(cache.block_tables, pidx, axis=-1)[..., 0]
+
+    def copy_shared(args):
+        k_pages, v_pages, refcount = args
+        src = jnp.where(plan.cow, old, SINK_PAGE).reshape(-1)
+        dst = jnp.where(plan.cow, ids, SINK_PAGE).reshape(-1)
+        k_pages = k_pages.at[dst].set(k_pages[src])
+        v_pages = v_pages.at[dst].set(v_pages[src])
+        refcount = refcount.at[src].add(-plan.cow.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
+        return k_pages, v_pages, refcount
+
+    k_pages, v_pages, refcount = jax.lax.cond(
+        jnp.any(plan.cow), copy_shared, lambda a: a, (cache.k_pages, cache.v_pages, refcount))
+    tables = jnp.where(
+        (jnp.arange(spec.max_pages_per_head) == plan.page_index[..., None]) & plan.need[..., None],
+        ids[..., None], cache.block_tables)
+    write_page = jnp.take_along_axis(tables, pidx, axis=-1)[..., 0]
+    act = active[None, :, None]
+    write_page = jnp.where(act, write_page, SINK_PAGE)
+    write_off = jnp.where(act, plan.target % ps, 0)
+    ring_idx = (cache.num_tokens % r)[None, :, None]
+    hit = (jnp.arange(r) == ring_idx[..., None]) & act[..., None]
+    cache = cache.replace(
+        k_pages=k_pages, v_pages=v_pages, refcount=refcount, block_tables=tables,
+        lengths=jnp.where(act, plan.new_lengths, cache.lengths),
+        ring_slot=jnp.where(hit, plan.target[..., None], cache.ring_slot),
+        ring_dec=cache.ring_dec & ~hit,
+        num_tokens=cache.num_tokens + active.astype(jnp.int32),
+    )
+    return note_high_water(cache), write_page, write_off
+
+
+def write_kv(k_pages: Array, v_pages: Array, page: Array, offset: Array, k: Array, v: Array):
+    """Scatters one token per head: page/offset ``[...]``, k/v ``[..., D]``."""
+    d = k.shape[-1]
+    page, offset = page.reshape(-1), offset.reshape(-1)
+    k_pages = k_pages.at[page, offset].set(k.reshape(-1, d).astype(k_pages.dtype))
+    v_pages = v_pages.at[page, offset].set(v.reshape(-1, d).astype(v_pages.dtype))
+    return k_pages, v_pages
+
+
+def set_previous_decision(ring_dec: Array, num_tokens_before: Array, decision: Array, active: Array, ring: int):
+    """Stores the decision for token ``n - 1`` (computed at the incoming token ``n``) in one layer's ring.
+
+    ring_dec ``[S, H, R]``; num_tokens_before ``[S]`` (n); decision ``[S, H]`` bool; active ``[S]``.
+    """
+    idx = ((num_tokens_before - 1) % ring)[:, None, None]
+    ok = (active & (num_tokens_before >= 1))[:, None, None]
+    hit = (jnp.arange(ring) == idx) & ok
+    return jnp.where(hit, decision[..., None], ring_dec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill: a chunk of tokens per sequence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ring_positions(num_tokens: Array, ring: int) -> Array:
+    """[S, R]: the position of the token each ring entry holds (the latest p < n with p % R == index), -1 if none."""
+    e = jnp.arange(ring)
+    n = num_tokens[:, None]
+    p = n - 1 - jnp.mod(n - 1 - e, ring)
+    return jnp.where(p >= 0, p, -1)
+
+
+def marked_positions(ring_slot: Array, ring_dec: Array, num_tokens: Array, width_tokens: int) -> Array:
+    """``[B, H, width_tokens]``: for each cached slot, the position of its token if it is a ring token marked for
+    eviction, else -1 (kept for good, or not a live slot). ring ``[B, H, R]``, num_tokens ``[B]``."""
+    b, h, r = ring_slot.shape
+    pos = ring_positions(num_tokens, r)  # [B, R]
+    valid = (pos >= 0)[:, None, :] & ring_dec
+    slot = jnp.where(valid, ring_slot, width_tokens)  # out of range -> dropped
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    return jnp.full((b, h, width_tokens), -1, jnp.int32).at[bi, hi, slot].set(
+        jnp.broadcast_to(pos[:, None, :], (b, h, r)), mode="drop")
+
+
+def cached_visibility(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array, q_pos: Array,
+                      width_tokens: int, window: int) -> Array:
+    """Which cached slots each chunk query may attend to: ``[B, H, C, width_tokens]`` bool.
+
+    lengths ``[B, H]``, ring ``[B, H, R]``, num_tokens ``[B]`` (before the chunk), q_pos ``[B, C]``. A cached slot
+    ``< length`` is visible unless it holds a ring token marked for eviction whose window has passed for the
+    query (``q - p > window``). Slots outside the ring hold tokens with decision 0 (kept forever): a marked token
+    is overwritten the moment it leaves the window.
+    """
+    mp = marked_positions(ring_slot, ring_dec, num_tokens, width_tokens)
+    live = jnp.arange(width_tokens)[None, None, :] < lengths[..., None]  # [B, H, W]
+    gone = (mp[:, :, None, :] >= 0) & (q_pos[:, None, :, None] - mp[:, :, None, :] > window)
+    return live[:, :, None, :] & ~gone
+
+
+def cached_reads(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array, q_pos: Array, q_valid: Array,
+                 window: int) -> Array:
+    """``[B]`` cached slots read by the chunk's valid queries, summed over heads: each query reads the head's live
+    slots except marked ring tokens already out of its window (the same count as ``cached_visibility``)."""
+    r = ring_slot.shape[-1]
+    pos = ring_positions(num_tokens, r)  # [B, R]
+    marked = (pos >= 0)[:, None, :] & ring_dec  # [B, H, R]
+    gone = marked[:, :, None, :] & (q_pos[:, None, :, None] - pos[:, None, None, :] > window)  # [B, H, C, R]
+    per_q = lengths[:, :, None] - jnp.sum(gone, axis=-1, dtype=jnp.int32)
+    return jnp.sum(jnp.where(q_valid[:, None, :], per_q, 0), axis=(1, 2), dtype=jnp.int32)
+
+
+@struct.dataclass
+class ChunkPlan:
+    """Where the tokens of one chunk go in one layer (per (sequence, KV head))."""
+
+    target: Array  # [B, H, C] slot of each surviving chunk token (garbage where not written)
+    write: Array  # [B, H, C] bool: token is written (valid and still alive at the end of the chunk)
+    new_lengths: Array  # [B, H]
+    have: Array  # [B, H] pages held before the chunk
+    need: Array  # [B, H, J] bool: fresh pages to allocate (table indices have + j)
+    ring_slot: Array  # [B, H, R] after the chunk
+    ring_dec: Array  # [B, H, R] after the chunk
+
+
+def plan_chunk(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array, n_valid: Array,
+               dec_chunk: Array, page_size: int) -> ChunkPlan:
+    """Vectorised equivalent of inserting the chunk's tokens one by one, writing only the tokens still alive
+    after the chunk.
+
+    lengths ``[B, H]``; ring ``[B, H, R]`` with the decision for token n-1 already filled in; num_tokens ``[B]``
+    (n, before the chunk); n_valid ``[B]`` (c, tokens of the chunk for each sequence, 0..C); dec_chunk
+    ``[B, H, C]`` owner decisions for the chunk's tokens (the last valid one pending = False).
+
+    Chunk token k at position n + k pushes token n + k - R out of the window. If that token is marked it goes:
+    when it is an older ring token its slot becomes a *hole*; when it is a chunk token (k >= R) it is simply
+    never written. Surviving chunk tokens fill the holes first, in order, then append. Each insertion evicts at
+    most one token, so holes <= survivors and no hole is left behind: live slots stay ``0 .. length-1``.
+    """
+    b, h, c_max = dec_chunk.shape
+    r = ring_slot.shape[-1]
+    k = jnp.arange(c_max)
+    c = n_valid[:, None, None]
+    n = num_tokens[:, None, None]
+    in_chunk = k[None, None, :] < c  # [B, 1, C]
+    # Older ring tokens leaving the window during the chunk (chunk indices k < R).
+    kr = min(r, c_max)
+    ko = jnp.arange(kr)
+    ridx = (num_tokens[:, None] + ko[None, :]) % r  # [B, Kr]: entry of token n + k - R
+    leave_valid = (num_tokens[:, None] + ko[None, :] >= r) & (ko[None, :] < n_valid[:, None])  # [B, Kr]
+    old_dec = jnp.take_along_axis(ring_dec, jnp.broadcast_to(ridx[:, None, :], (b, h, kr)), axis=-1)
+    old_slot = jnp.take_along_axis(ring_slot, jnp.broadcast_to(ridx[:, None, :], (b, h, kr)), axis=-1)
+    hole = old_dec & leave_valid[:, None, :]
+    n_holes = jnp.sum(hole, axis=-1, dtype=jnp.int32)
+    hrank = jnp.cumsum(hole.astype(jnp.int32), axis=-1) - 1
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    holes = jnp.zeros((b, h, kr), jnp.int32).at[bi, hi, jnp.where(hole, hrank, kr)].set(old_slot, mode="drop")
+    # Chunk tokens evicted within the chunk: marked and pushed out by a later chunk token.
+    evicted = dec_chunk & (k[None, None, :] + r < c)
+    surv = in_chunk & ~evicted
+    n_surv = jnp.sum(surv, axis=-1, dtype=jnp.int32)
+    srank = jnp.cumsum(surv.astype(jnp.int32), axis=-1) - 1
+    from_hole = jnp.take_along_axis(holes, jnp.clip(srank, 0, kr - 1), axis=-1)
+    target = jnp.where(srank < n_holes[..., None], from_hole, lengths[..., None] + srank - n_holes[..., None])
+    new_lengths = lengths + n_surv - n_holes
+    have = pages_for(lengths, page_size)
+    want = pages_for(new_lengths, page_size)
+    j_max = -(-c_max // page_size) + 1
+    need = jnp.arange(j_max)[None, None, :] < (want - have)[..., None]
+    # The ring after the chunk: its last min(c, R) tokens (all alive) replace their entries.
+    last = in_chunk & (k[None, None, :] >= c - r)
+    ent = jnp.where(last, (n + k[None, None, :]) % r, r)  # r -> dropped
+    ring_slot = ring_slot.at[bi, hi, ent].set(target, mode="drop")
+    ring_dec = ring_dec.at[bi, hi, ent].set(dec_chunk, mode="drop")
+    return ChunkPlan(target=target, write=surv, new_lengths=new_lengths, have=have, need=need,
+                     ring_slot=ring_slot, ring_dec=ring_dec)
+
+
+def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array,
+                 num_tokens: Array, n_valid: Array, dec_chunk: Array, ok: Array, page_size: int):
+    """Books one chunk into one layer of sequences ``[B]`` (rows of the layer's tables): allocates pages, updates
+    tables, lengths and ring, and says where each chunk token's K/V goes (``write_kv`` does the write, so that a
+    caller can write many layers at once).
+
+    tables ``[B, H, M]``, lengths ``[B, H]``, ring ``[B, H, R]`` (decision for token n-1 filled in), num_tokens /
+    n_valid / ok ``[B]``, dec_chunk ``[B, H, C]`` (``chunk_owner_decisions``).
+    Sequences not ``ok`` are left untouched. When the free pages do not cover the requests, the highest rows that
+    ask for pages are dropped (``select_preemptions``) and reported in ``preempted`` ``[B]``: the caller releases
+    them (their pages in other layers are not visible here).
+
+    Returns ((refcount, tables, lengths, ring_slot, ring_dec), (page, offset) ``[B, H, C]`` -- the sink for
+    tokens not written --, preempted, overflow). ``overflow`` (scalar bool) would mean more pages were handed
+    out than were free -- a bookkeeping bug; callers turn it into an error, never into silent corruption.
+    """
+    b, h, _ = dec_chunk.shape
+    plan = plan_chunk(lengths, ring_slot, ring_dec, num_tokens, n_valid, dec_chunk, page_size)
+    need_seq = jnp.sum(plan.need & ok[:, None, None], axis=(1, 2), dtype=jnp.int32)
+    n_free = free_pages(refcount)
+    pre = select_preemptions(need_seq, jnp.zeros_like(need_seq), ok & (n_valid > 0), n_free)
+    ok = ok & ~pre
+    need = plan.need & ok[:, None, None]
+    overflow = jnp.sum(need) > n_free
+    ids, refcount = allocate(refcount, need)
+    m = tables.shape[-1]
+    col = jnp.where(need, plan.have[..., None] + jnp.arange(need.shape[-1]), m)  # m -> dropped
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    new_tables = tables.at[bi, hi, col].set(ids, mode="drop")
+    wr = plan.write & ok[:, None, None]
+    page = jnp.take_along_axis(new_tables, jnp.clip(plan.target // page_size, 0, m - 1), axis=-1)
+    page = jnp.where(wr, page, SINK_PAGE)
+    off = jnp.where(wr, plan.target % page_size, 0)
+    ok2 = ok[:, None]
+    out = (refcount, jnp.where(ok2[..., None], new_tables, tables),
+           jnp.where(ok2, plan.new_lengths, lengths), jnp.where(ok2[..., None], plan.ring_slot, ring_slot),
+           jnp.where(ok2[..., None], plan.ring_dec, ring_dec))
+    return out, (page, off), pre, overflow
+
+
+def chunk_owner_decisions(dec_at: Array, n_valid: Array) -> Array:
+    """Owner decisions for a chunk from the decisions *computed at* its positions: token k's decision is the one
+    computed at k + 1 if that token is in the chunk, else pending (keep). dec_at ``[B, H, C]`` bool."""
+    c_max = dec_at.shape[-1]
+    owner = dms.shift_to_owner(dec_at, False)
+    return owner & (jnp.arange(c_max)[None, None, :] + 1 < n_valid[:, None, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side checks (tests, debugging)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_invariants(cache: PagedCache, spec: CacheSpec) -> dict:
+    """Verifies the pool bookkeeping on the host; raises AssertionError with a reason. Returns a summary.
+
+    * every page's refcount equals the number of table entries referencing it (the sink: pinned at 1);
+    * no two heads of one sequence share a page; no head references the sink below its length;
+    * lengths fit the table; the ring slots of existing tokens lie below the head's length.
+    """
+    tables = np.asarray(cache.block_tables)
+    lengths = np.asarray(cache.lengths)
+    rc = np.asarray(cache.refcount)
+    ps = spec.page_size
+    held = -(-lengths // ps)
+    assert (held <= tables.shape[-1]).all(), "a head holds more pages than its table has entries"
+    refs = np.arange(tables.shape[-1]) < held[..., None]
+    counted = np.bincount(tables[refs].reshape(-1), minlength=rc.shape[0])
+    counted[SINK_PAGE] = 1
+    assert rc[SINK_PAGE] == 1, f"sink refcount {rc[SINK_PAGE]}"
+    assert (tables[refs] != SINK_PAGE).all(), "a live table entry points at the sink"
+    bad = np.nonzero(counted != rc)[0]
+    assert bad.size == 0, f"refcount mismatch on pages {bad[:8].tolist()}: counted {counted[bad[:8]].tolist()} " \
+                          f"vs stored {rc[bad[:8]].tolist()}"
+    for s in range(tables.shape[1]):
+        pages = tables[:, s][refs[:, s]]
+        assert len(set(pages.tolist())) == pages.size, f"sequence {s} uses a page twice"
+    n = np.asarray(cache.num_tokens)
+    pos = np.asarray(ring_positions(jnp.asarray(n), spec.ring))
+    rs = np.asarray(cache.ring_slot)
+    for s in range(tables.shape[1]):
+        ok = pos[s] >= 0
+        if ok.any():
+            assert (rs[:, s][..., ok] < lengths[:, s][..., None]).all(), f"sequence {s}: ring slot beyond length"
+    used = int((rc[1:] > 0).sum())
+    return {"used_pages": used, "free_pages": int((rc == 0).sum()), "high_water": int(cache.high_water)}
+
+
+def live_counts(cache: PagedCache) -> np.ndarray:
+    """Host copy of the live tokens per (layer, sequence, KV head)."""
+    return np.asarray(cache.lengths)
+
+
+def bucket(n: int, cap: int) -> int:
+    """Rounds a page count up to the next of {2^k, 1.25 * 2^k, 1.5 * 2^k, 1.75 * 2^k} (at most 25% waste, few
+    distinct values, hence few compilations), capped at ``cap``."""
+    n = max(int(n), 1)
+    if n <= 4:
+        return min(n, cap)
+    p = 1 << (n.bit_length() - 1)
+    for f in (1.0, 1.25, 1.5, 1.75, 2.0):
+        v = int(math.ceil(p * f))
+        if v >= n:
+            return min(v, cap)
+    return min(2 * p, cap)
