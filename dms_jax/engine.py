@@ -50,7 +50,7 @@ from flax import nnx, struct
 
 from dms_jax import cache as kvc
 from dms_jax.generate import SamplingConfig, sample_next
-from dms_jax.model import MASK_VALUE, CausalLM
+from dms_jax.model import CausalLM
 from pallas_kernels import paged_decode_attention
 from pallas_kernels._common import BACKENDS, resolve_backend
 
@@ -440,7 +440,7 @@ class _StepInfo:
 def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend, interpret,
                     block_tokens=None):
     """The forward of one decode step for ``active`` sequences, after the plan fits. Returns (logits, cache)."""
-    ps, r, hkv = spec.page_size, spec.ring, spec.num_kv_heads
+    r, hkv = spec.ring, spec.num_kv_heads
     s = tokens.shape[0]
     plan = kvc.plan_decode(cache, spec, active, policy)
     n = cache.num_tokens

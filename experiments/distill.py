@@ -31,7 +31,7 @@ PRESETS = {
                 passkey_cases=30, passkey_lengths="1024,2048"),
     # The README demo: a few minutes end to end.
     "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
-                 lr=1e-4, trainable="all", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
+                 lr=1e-4, trainable="all", variant="adapter", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
                  passkey_cases=4, passkey_lengths="512"),
     # Tests: seconds.
     "tiny": dict(steps=6, batch_size=2, grad_accum=1, seq_len=32, window=4, cr_final=2.0, cr_final_step=4,
@@ -210,7 +210,6 @@ def main(argv=None) -> dict:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
 
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from tqdm import tqdm

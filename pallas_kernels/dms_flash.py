@@ -85,7 +85,7 @@ def dms_flash_attention_reference(q, k, v, q_pos, k_pos, log_keep=None, k_valid=
                                   scale=None):
     """Plain jnp: materialises the [B, Hkv, T, S] bias; f32 softmax; differentiable with jax.grad."""
     B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = dms_attention_bias(q_pos, k_pos, log_keep, k_valid, window)  # [B, Hkv|1, T, S]

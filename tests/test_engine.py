@@ -9,7 +9,6 @@ make the logits large and mixed (~40% of the tokens evicted), with a small windo
 Every distinct cache shape compiles the prefill and decode functions once (seconds on CPU), so tests share shapes.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -117,7 +117,6 @@ def _worker(out_dir: str):
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-    import os
     import subprocess
 
     out = tmp_path_factory.mktemp("sharding")
