@@ -95,11 +95,16 @@ def trainable_filter(spec: str) -> Callable:
     return nnx.All(nnx.Param, lambda path, _: bool(pattern.search(hf_style_name(path))))
 
 
-def kl_student_teacher(student_logits, teacher_logits, valid):
-    """Mean over valid tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t), temperature 1."""
+def token_kl(student_logits, teacher_logits):
+    """KL(student || teacher) per token [B, T], in float32."""
     log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
+    return jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
+
+
+def kl_student_teacher(student_logits, teacher_logits, valid):
+    """Mean over valid tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t), temperature 1."""
+    kl = token_kl(student_logits, teacher_logits)
     w = valid.astype(jnp.float32)
     return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -227,9 +232,7 @@ def _eval_batch(graphdef, student_state, teacher_state, tokens, valid):
     t_logits, _ = teacher(tokens, valid=valid, dms_mode="off")
     s_logits, aux = student(tokens, valid=valid, dms_mode="hard")
     w = valid.astype(jnp.float32)
-    log_ps = jax.nn.log_softmax(s_logits, axis=-1)
-    log_pt = jax.nn.log_softmax(t_logits, axis=-1)
-    kl_sum = jnp.sum(jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1) * w)
+    kl_sum = jnp.sum(token_kl(s_logits, t_logits) * w)
     nll_s, n = next_token_nll(s_logits, tokens, valid)
     nll_t, _ = next_token_nll(t_logits, tokens, valid)
     return kl_sum, jnp.sum(w), nll_s, nll_t, n, aux["decisions"]

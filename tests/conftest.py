@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from train_helpers import spread_random_weights
 
 # Tiny configs of each supported family: 2 layers, hidden 64, 4 query / 2 KV heads (GQA), vocab 256, fp32.
 TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -63,15 +64,7 @@ def _tiny_hf_model(family: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # transformers' init (std 0.02, norms at 1, zero biases) gives nearly uniform attention and logits; larger
     # random weights make every parameter, bias and norm matter in the parity checks.
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    spread_random_weights(model, seed + 1, scale=0.1)
     return model
 
 

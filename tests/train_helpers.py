@@ -31,6 +31,23 @@ TINY_LLAMA = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, n
 # ----------------------------------------------------------------------------------------------- tiny assets
 
 
+
+def spread_random_weights(model, seed: int, scale: float) -> None:
+    """Re-draws a transformers model's weights wider than its std-0.02 init (norms 1 +- 0.1, embeddings N(0, 1),
+    the rest N(0, scale^2)), so that every parameter visibly moves the logits. Shared by the parity and the
+    training tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
 def save_byte_tokenizer(directory: Path):
     """A byte-level BPE tokenizer without merges: ids 0..255 are bytes, 256 = <|endoftext|>, 257 = <|pad|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -65,15 +82,7 @@ def make_tiny_llama_dir(directory: Path, seed: int = 0, **overrides) -> Path:
     model = LlamaForCausalLM(config).eval()
     # transformers' std-0.02 init gives near-uniform logits (KL ~ 0 for anything); larger weights make the
     # teacher's distribution peaked enough that evictions measurably change it.
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    spread_random_weights(model, seed + 1, scale=0.2)
     model.save_pretrained(directory)
     save_byte_tokenizer(directory)
     return directory
