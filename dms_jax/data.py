@@ -20,6 +20,13 @@ Built-in corpora (no download; text that Python itself ships):
 Both are deterministic for a given Python installation; ``Dataset.meta["fingerprint"]`` hashes the documents
 so that a run can record exactly what it trained on.
 
+Recall rows (``recall_fraction`` of ``build_dataset``): synthetic training rows in which a few facts ("the
+number of the blue lantern is 48213") sit in real filler text and are asked for again at the end of the row,
+far outside the DMS window.  Natural text rarely needs a token again hundreds of positions later, so a
+retrofit on it alone learns to evict exactly what retrieval needs (a passkey, a variable's value); on these
+rows the teacher's answers can only be matched by keeping the facts.  The wording differs from the
+evaluation tasks in ``tasks.py`` (no "pass key", no "VAR"), and the rows are only ever added to ``train``.
+
 Batches are a pure function of ``(seed, step)``: the row stream is the concatenation of one seeded
 permutation of the rows per epoch, and the global batch at ``step`` is the slice
 ``[step * batch_size, (step + 1) * batch_size)`` of that stream.  A resumed run therefore continues at the
@@ -60,6 +67,7 @@ __all__ = [
     "get_batch",
     "iterate_batches",
     "documents_fingerprint",
+    "make_recall_rows",
 ]
 
 DEFAULT_SOURCE = "python-docs"
@@ -539,6 +547,8 @@ def build_dataset(
     add_bos: bool = False,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    recall_fraction: float = 0.0,
+    recall_seed: int = 0,
 ) -> Dataset:
     """Load ``source``, split held-out documents off, tokenise and pack both splits into ``seq_len`` rows.
 
@@ -552,6 +562,8 @@ def build_dataset(
         raise ValueError(f"last: must be 'pad' or 'drop', got {last!r}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction: must be in [0, 1), got {heldout_fraction!r}")
+    if not 0.0 <= recall_fraction < 1.0:
+        raise ValueError(f"recall_fraction: must be in [0, 1), got {recall_fraction!r}")
     eos = eos_id if eos_id is not None else _special_id(tokenizer, "eos_token_id")
     if eos is None:
         raise ValueError("eos_id: the tokenizer has no EOS token; pass eos_id explicitly")
@@ -566,8 +578,12 @@ def build_dataset(
     train_docs, heldout_docs = split_documents(docs, heldout_fraction, split_salt)
     if not train_docs:
         raise ValueError(f"source: {os.fspath(source)!r} leaves no training documents after the held-out split")
-    train = pack_tokens(tokenize_documents(train_docs, tokenizer, add_bos=add_bos), seq_len,
-                        eos_id=eos, pad_id=pad, last=last)
+    train_tokens = tokenize_documents(train_docs, tokenizer, add_bos=add_bos)
+    train = pack_tokens(train_tokens, seq_len, eos_id=eos, pad_id=pad, last=last)
+    num_recall = int(round(recall_fraction / (1.0 - recall_fraction) * len(train)))
+    if num_recall:
+        # Appended after packing, so every recall row is whole; the epoch permutation mixes them in.
+        train = _concat_rows(train, make_recall_rows(tokenizer, train_tokens, seq_len, num_recall, recall_seed))
     heldout = pack_tokens(tokenize_documents(heldout_docs, tokenizer, add_bos=add_bos), seq_len,
                           eos_id=eos, pad_id=pad, last=last)
     if len(train) == 0:
@@ -585,6 +601,8 @@ def build_dataset(
         "train_documents": len(train_docs),
         "heldout_documents": len(heldout_docs),
         "train_rows": len(train),
+        "recall_rows": num_recall,
+        "recall_fraction": float(recall_fraction),
         "heldout_rows": len(heldout),
         "train_tokens": train.num_tokens,
         "heldout_tokens": heldout.num_tokens,
@@ -595,6 +613,80 @@ def build_dataset(
         "heldout_fingerprint": documents_fingerprint(heldout_docs),
     }
     return Dataset(train=train, heldout=heldout, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Synthetic recall rows (see the module docstring)
+# --------------------------------------------------------------------------------------------------------
+
+_RECALL_COLORS = ("red", "blue", "green", "yellow", "black", "white", "silver", "golden", "purple", "orange",
+                  "brown", "grey", "pink", "violet", "copper", "amber")
+_RECALL_OBJECTS = ("lantern", "bicycle", "teapot", "compass", "ladder", "violin", "umbrella", "anchor", "kettle",
+                   "mirror", "helmet", "basket", "candle", "hammer", "wagon", "saddle", "clock", "barrel",
+                   "feather", "ribbon")
+
+
+def _recall_row(rng: np.random.Generator, filler: np.ndarray, seq_len: int, encode) -> np.ndarray | None:
+    """One row: facts in the first ~40% of the filler, the questions (with answers) at the end."""
+    num_facts = int(rng.integers(2, 5))
+    picks = rng.choice(len(_RECALL_COLORS) * len(_RECALL_OBJECTS), size=num_facts, replace=False)
+    keys = [f"{_RECALL_COLORS[p // len(_RECALL_OBJECTS)]} {_RECALL_OBJECTS[p % len(_RECALL_OBJECTS)]}"
+            for p in picks]
+    values = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=num_facts)]
+    facts = [encode(f" Note: the number of the {k} is {v}. ") for k, v in zip(keys, values)]
+    order = rng.permutation(num_facts)
+    qa = encode("\n\nAnswer from the text above.\n" +
+                "".join(f"Q: What is the number of the {keys[i]}?\nA: {values[i]}\n" for i in order))
+    n_filler = seq_len - len(qa) - sum(len(f) for f in facts)
+    if n_filler < seq_len // 4 or filler.size < n_filler:
+        return None
+    start = int(rng.integers(0, filler.size - n_filler + 1))
+    text = filler[start : start + n_filler]
+    cuts = np.sort(rng.integers(0, int(0.4 * n_filler) + 1, size=num_facts))
+    pieces, prev = [], 0
+    for cut, fact in zip(cuts, facts):
+        pieces += [text[prev:cut], fact]
+        prev = cut
+    pieces += [text[prev:], qa]
+    row = np.concatenate(pieces).astype(np.int32)
+    assert row.size == seq_len
+    return row
+
+
+def make_recall_rows(tokenizer, filler_docs: Sequence[np.ndarray], seq_len: int, n_rows: int,
+                     seed: int = 0) -> PackedData:
+    """``n_rows`` synthetic recall rows of exactly ``seq_len`` tokens, deterministic in ``seed``.
+
+    ``filler_docs`` are token arrays of real text (the training documents): each row takes a contiguous slice
+    of one of them as filler, so the facts are the only synthetic text besides the questions.
+    """
+    if not isinstance(n_rows, (int, np.integer)) or n_rows < 0:
+        raise ValueError(f"n_rows: must be an integer >= 0, got {n_rows!r}")
+    if seq_len < 64:
+        raise ValueError(f"seq_len: recall rows need seq_len >= 64, got {seq_len}")
+
+    def encode(text: str) -> np.ndarray:
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+
+    long_docs = [d for d in filler_docs if d.size >= seq_len]
+    if n_rows and not long_docs:
+        raise ValueError(f"recall rows: no filler document has {seq_len} tokens; lower seq_len")
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x5EC411])
+    rows = []
+    while len(rows) < n_rows:
+        row = _recall_row(rng, long_docs[int(rng.integers(len(long_docs)))], seq_len, encode)
+        if row is not None:
+            rows.append(row)
+    tokens = np.stack(rows) if rows else np.zeros((0, seq_len), np.int32)
+    return PackedData(tokens=tokens, valid=np.ones_like(tokens, bool),
+                      segment_ids=np.repeat(np.arange(len(rows), dtype=np.int32)[:, None], seq_len, axis=1))
+
+
+def _concat_rows(a: PackedData, b: PackedData) -> PackedData:
+    offset = int(a.segment_ids.max(initial=-1)) + 1
+    return PackedData(tokens=np.concatenate([a.tokens, b.tokens]), valid=np.concatenate([a.valid, b.valid]),
+                      segment_ids=np.concatenate([a.segment_ids, np.where(b.segment_ids >= 0,
+                                                                          b.segment_ids + offset, -1)]))
 
 
 # --------------------------------------------------------------------------------------------------------

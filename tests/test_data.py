@@ -263,3 +263,37 @@ def test_errors_name_the_parameter(tmp_path, tok):
         data.pack_tokens([np.arange(3)], 2, eos_id=0, last="keep")
     with pytest.raises(ValueError, match="seq_len"):
         data.build_dataset(tok, 100_000, j, text_field="body", heldout_fraction=0.0, last="drop")
+
+
+# ------------------------------------------------------------------------------------------------ recall rows
+
+
+def test_recall_rows_ask_for_every_fact_outside_the_window(tok):
+    docs = data.tokenize_documents(data.builtin_documents("pydoc-topics")[:40], tok)
+    rows = data.make_recall_rows(tok, docs, 256, 12, seed=3)
+    assert rows.tokens.shape == (12, 256) and rows.tokens.dtype == np.int32 and rows.valid.all()
+    again = data.make_recall_rows(tok, docs, 256, 12, seed=3)
+    np.testing.assert_array_equal(rows.tokens, again.tokens)
+    assert not np.array_equal(rows.tokens, data.make_recall_rows(tok, docs, 256, 12, seed=4).tokens)
+    import re
+    for row in rows.tokens:
+        text = tok.decode(row)
+        facts = dict(re.findall(r"Note: the number of the (\w+ \w+) is (\d+)\.", text))
+        answers = dict(re.findall(r"Q: What is the number of the (\w+ \w+)\?\nA: (\d+)", text))
+        assert 2 <= len(facts) <= 4 and answers == facts
+        # Each answer is far behind its fact: the last fact sits in the first ~half, the questions at the end.
+        assert text.rfind("Note: the number") < text.find("Answer from the text above.") - 200
+        assert "pass key" not in text and "VAR " not in text  # not the evaluation tasks' wording
+
+
+def test_build_dataset_mixes_recall_rows_into_train_only(tok):
+    plain = data.build_dataset(tok, 256, "pydoc-topics", last="drop", max_documents=80)
+    mixed = data.build_dataset(tok, 256, "pydoc-topics", last="drop", max_documents=80, recall_fraction=0.25)
+    n_recall = mixed.meta["recall_rows"]
+    assert n_recall == round(len(plain.train) / 3) and len(mixed.train) == len(plain.train) + n_recall
+    np.testing.assert_array_equal(mixed.train.tokens[: len(plain.train)], plain.train.tokens)
+    np.testing.assert_array_equal(mixed.heldout.tokens, plain.heldout.tokens)
+    assert len(set(mixed.train.segment_ids[len(plain.train):, 0])) == n_recall
+    assert mixed.train.segment_ids[len(plain.train):].min() > plain.train.segment_ids.max()
+    with pytest.raises(ValueError, match="recall_fraction"):
+        data.build_dataset(tok, 256, "pydoc-topics", recall_fraction=1.0)
