@@ -1,8 +1,9 @@
-"""Frozen configuration dataclasses: the decoder architecture (built from a Hugging Face config) and DMS."""
+"""Frozen configuration dataclasses: the decoder architecture (built from a Hugging Face config), DMS and DMC."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -185,3 +186,26 @@ class DMSConfig:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.alpha_per not in ("head", "layer"):
             raise ValueError(f"alpha_per must be 'head' or 'layer', got {self.alpha_per!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DMCConfig:
+    """Dynamic Memory Compression settings (Nawrot et al. 2024; reference: NVIDIA/Megatron-LM megatron/contrib/dmc).
+
+    DMC borrows element d-1 of every key head (merge logit) and of every query head (importance) and, per KV head
+    and token, merges the token into the head's last cache slot instead of appending it. A model carries either a
+    DMSConfig or a DMCConfig, never both. Megatron's argument names are in brackets.
+    """
+
+    accumulation_window: int = 12  # [dmc_window_size] a slot averages at most this many of its newest tokens
+    tau: float = 0.1  # [dmc_temp] Gumbel-sigmoid temperature during training
+    logit_offset: float = 5.0  # [dmc_init_val] merge logit k[d-1] - offset; importance sigmoid(q[d-1] + offset)
+
+    def __post_init__(self):
+        w = self.accumulation_window
+        if isinstance(w, bool) or int(w) != w or w < 1:
+            raise ValueError(f"accumulation_window must be an integer >= 1, got {w!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if not math.isfinite(self.logit_offset):
+            raise ValueError(f"logit_offset must be finite, got {self.logit_offset}")

@@ -7,7 +7,10 @@ The model runs in three DMS modes:
   "off"   teacher / vanilla: plain causal attention, the decision neuron is not touched;
   "train" noisy soft decisions (Gumbel-sigmoid, straight-through) and the additive log(1 - alpha) bias;
   "hard"  noise-free decisions (logit > 0) and exact delayed eviction: the reference the paged cache must match.
-The DMS math itself lives in dms.py as pure functions; this file only wires it in.
+A model built with a DMCConfig instead (Dynamic Memory Compression, dmc.py) runs the same three modes with DMC's
+merge decisions: "train" keeps every intermediate merged state and hides the overwritten ones by a soft bias,
+"hard" equals the token-by-token merge cache (forward_with_dmc_cache).
+The DMS / DMC math itself lives in dms.py / dmc.py as pure functions; this file only wires it in.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dms_jax import dms
-from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax import dmc, dms
+from dms_jax.config import DMCConfig, DMSConfig, ModelConfig
 
 DMS_MODES = ("off", "train", "hard")
 # Finite "minus infinity" for masked scores: keeps fully masked rows (left padding) free of NaN.
@@ -115,15 +118,20 @@ def causal_bias(q_pos, k_pos, k_valid):
 class Projected:
     """Attention inputs of one layer after projections, norms and RoPE, plus the DMS decision logits."""
 
-    q: jax.Array  # [B, T, Hq, D], RoPE applied, reused neuron zeroed when DMS is on
+    q: jax.Array  # [B, T, Hq, D], RoPE applied, reused neuron zeroed when DMS / DMC is on
     k: jax.Array  # [B, T, Hkv, D], RoPE applied
     v: jax.Array  # [B, T, Hkv, D]
-    decision_logits: jax.Array | None  # [B, Hkv, T] logits computed at each position (before the shift)
+    decision_logits: jax.Array | None  # [B, Hkv, T] logits computed at each position (DMS: before the shift;
+    #                                    DMC: merge logits of each token itself)
+    importance: jax.Array | None = None  # DMC: [B, Hkv, T] importance weights omega
+    k_unrotated: jax.Array | None = None  # DMC: [B, T, Hkv, D] keys before RoPE (element d-1 zeroed): what DMC
+    #                                       averages; a merged state is rotated at its newest token's position
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dms_cfg: DMSConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.cfg, self.dms_cfg = cfg, dms_cfg
+    def __init__(self, cfg: ModelConfig, dms_cfg: DMSConfig | None, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 dmc_cfg: DMCConfig | None = None):
+        self.cfg, self.dms_cfg, self.dmc_cfg = cfg, dms_cfg, dmc_cfg
         h, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = _linear(h, hq * d, ("embed", "q_heads"), bias=cfg.attention_bias, **kw)
@@ -138,10 +146,12 @@ class Attention(nnx.Module):
             self.dms_proj_alpha_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, names=("embed",))
             self.dms_proj_alpha = _linear(h, hkv, ("embed", None), bias=False, zero=True, **kw)
 
-    def project(self, x_normed, x_residual, positions, dms_on: bool) -> Projected:
-        """q, k, v with RoPE for positions [B, T]; decision logits when DMS is on.
+    def project(self, x_normed, x_residual, positions, dms_on: bool, neuron_scale=None) -> Projected:
+        """q, k, v with RoPE for positions [B, T]; decision logits when DMS (or DMC) is on.
 
         x_residual is the residual stream before the layer's input norm (the adapter's input).
+        neuron_scale (DMC stage one, compression off): multiplies element d-1 of every q and k head before and
+        after RoPE, so the model learns to do without the neurons DMC is about to borrow.
         """
         cfg, dcfg = self.cfg, self.dms_cfg
         b, t, _ = x_normed.shape
@@ -150,6 +160,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x_normed).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.dmc_cfg is not None and (dms_on or neuron_scale is not None):
+            return self._project_dmc(q, k, v, positions, dms_on, neuron_scale)
         logits = None
         use_neuron = dms_on and dcfg is not None and dcfg.variant == "neuron"
         if dms_on and dcfg is not None:
@@ -168,6 +180,24 @@ class Attention(nnx.Module):
             q = dms.zero_reused_neuron(q, cfg.num_kv_heads)
         return Projected(q, k, v, logits)
 
+    def _project_dmc(self, q, k, v, positions, dmc_on: bool, neuron_scale):
+        """DMC on: merge logits from k[..., d-1] and importance from q[..., d-1] (read before RoPE), then element d-1
+        of every q and k head zeroed before and after RoPE. DMC off (stage one): that element scaled by
+        neuron_scale instead, no decisions."""
+        cfg, ccfg = self.cfg, self.dmc_cfg
+        logits = importance = None
+        if dmc_on:
+            neuron_scale = 0.0
+            logits = dmc.merge_logits(k, ccfg.logit_offset)
+            importance = dmc.importance_weights(q, cfg.num_kv_heads, ccfg.logit_offset)
+        q, k = dmc.scale_borrowed_neurons(q, neuron_scale), dmc.scale_borrowed_neurons(k, neuron_scale)
+        k_unrotated = k
+        cos, sin = rope_cos_sin(cfg, positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Rotate-half RoPE writes x[d/2-1] * sin into element d-1: scale it again.
+        q, k = dmc.scale_borrowed_neurons(q, neuron_scale), dmc.scale_borrowed_neurons(k, neuron_scale)
+        return Projected(q, k, v, logits, importance, k_unrotated if dmc_on else None)
+
     def output(self, attn_out):
         b, t = attn_out.shape[:2]
         return self.o_proj(attn_out.reshape(b, t, -1))
@@ -185,16 +215,16 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dms_cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dms_cfg, *, dtype, param_dtype, rngs: nnx.Rngs, dmc_cfg=None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, names=("embed",))
-        self.self_attn = Attention(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, dmc_cfg=dmc_cfg)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, names=("embed",))
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, attention_fn, dms_on: bool):
+    def __call__(self, x, positions, attention_fn, dms_on: bool, neuron_scale=None):
         """attention_fn(Projected) -> ([B, T, Hq, D] attention output, aux); lets callers own the keys (cache)."""
-        p = self.self_attn.project(self.input_layernorm(x), x, positions, dms_on)
+        p = self.self_attn.project(self.input_layernorm(x), x, positions, dms_on, neuron_scale)
         attn, aux = attention_fn(p)
         x = x + self.self_attn.output(attn)
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -205,14 +235,16 @@ class CausalLM(nnx.Module):
     """Decoder-only LM. `dtype` is the compute dtype (bf16 for training), `param_dtype` the master weights'."""
 
     def __init__(self, cfg: ModelConfig, dms_cfg: DMSConfig | None = None, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg, self.dms_cfg = cfg, dms_cfg
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, dmc_cfg: DMCConfig | None = None):
+        if dms_cfg is not None and dmc_cfg is not None:
+            raise ValueError("a model compresses its cache with DMS or with DMC, not both: pass one config")
+        self.cfg, self.dms_cfg, self.dmc_cfg = cfg, dms_cfg, dmc_cfg
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=_sharded(nnx.initializers.normal(0.02), ("vocab", "embed")))
         self.layers = nnx.List([
-            DecoderLayer(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            DecoderLayer(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, dmc_cfg=dmc_cfg)
             for _ in range(cfg.num_layers)
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, names=("embed",))
@@ -227,18 +259,23 @@ class CausalLM(nnx.Module):
         return self.lm_head(x)
 
     def __call__(self, tokens, positions=None, valid=None, *, dms_mode: str = "off", noise_key=None,
-                 remat: bool = False):
+                 remat: bool = False, borrowed_neuron_scale=None):
         """Full-sequence forward (teacher, training or hard-eviction reference).
 
         tokens, positions, valid: [B, T]; positions default to 0..T-1; valid marks real (non-padding) tokens.
         Returns (logits [B, T, V] float32, aux) where aux["decisions"] is [L, B, Hkv, T] (after the one-token shift:
         the decision *for* each token; straight-through in "train" mode, 0/1 in "hard" mode) or None when off.
+        On a DMC model dms_mode selects DMC and aux["decisions"] are the merge decisions of each token itself
+        (1 = merged into the previous slot; 0 at every segment start). borrowed_neuron_scale (DMC model, "off"
+        only): DMC's first stage, the borrowed q/k neurons multiplied by this (possibly traced) scalar.
         """
         if dms_mode not in DMS_MODES:
             raise ValueError(f"dms_mode must be one of {DMS_MODES}, got {dms_mode!r}")
         dms_on = dms_mode != "off"
-        if dms_on and self.dms_cfg is None:
-            raise ValueError(f"dms_mode={dms_mode!r} needs a model built with a DMSConfig")
+        if dms_on and self.dms_cfg is None and self.dmc_cfg is None:
+            raise ValueError(f"dms_mode={dms_mode!r} needs a model built with a DMSConfig (or a DMCConfig)")
+        if borrowed_neuron_scale is not None and (dms_on or self.dmc_cfg is None):
+            raise ValueError("borrowed_neuron_scale is DMC's first stage: it needs a DMC model and dms_mode='off'")
         if dms_mode == "train" and noise_key is None:
             raise ValueError("dms_mode='train' needs noise_key (Gumbel noise for the decisions)")
         b, t = tokens.shape
@@ -257,15 +294,18 @@ class CausalLM(nnx.Module):
         for layer, key in zip(self.layers, noise_keys):
             attention_fn = self._full_sequence_attention(positions, valid, dms_mode, key)
             if remat:
-                x, dec = nnx.remat(lambda lyr, x_: lyr(x_, positions, attention_fn, dms_on))(layer, x)
+                x, dec = nnx.remat(lambda lyr, x_: lyr(x_, positions, attention_fn, dms_on, borrowed_neuron_scale))(
+                    layer, x)
             else:
-                x, dec = layer(x, positions, attention_fn, dms_on)
+                x, dec = layer(x, positions, attention_fn, dms_on, borrowed_neuron_scale)
             decisions.append(dec)
         aux = {"decisions": jnp.stack(decisions) if dms_on else None}
         return self.unembed(x).astype(jnp.float32), aux
 
     def _full_sequence_attention(self, positions, valid, dms_mode, noise_key):
         dcfg = self.dms_cfg
+        if self.dmc_cfg is not None and dms_mode != "off":
+            return self._full_sequence_dmc_attention(positions, valid, dms_mode, noise_key)
 
         def attention_fn(p: Projected):
             if dms_mode == "off":
@@ -284,6 +324,31 @@ class CausalLM(nnx.Module):
                 log_keep = dms.hard_log_keep(decision)
             bias = dms.dms_attention_bias(log_keep, positions, positions, dcfg.window, valid)
             return attend(p.q, p.k, p.v, bias), decision
+
+        return attention_fn
+
+    def _full_sequence_dmc_attention(self, positions, valid, dms_mode, noise_key):
+        ccfg = self.dmc_cfg
+        starts = dmc.segment_starts(valid)  # the first token (and padding) can only append
+
+        def attention_fn(p: Projected):
+            if dms_mode == "train":
+                noise = dms.logistic_noise(noise_key, p.decision_logits.shape)
+                z = dmc.force_append(dms.noisy_logits(p.decision_logits, noise, ccfg.tau), starts, dms.KEEP_LOGIT)
+                alpha, decision = dms.gumbel_sigmoid(z, None, 1.0)
+                log_keep = dms.soft_log_keep(z)  # log(1 - alpha_t)
+            else:
+                decision = dmc.force_append(dms.hard_decisions(p.decision_logits), starts, 0.0)
+                alpha = decision
+                log_keep = dms.hard_log_keep(decision)
+            # Every intermediate state, then RoPE at each state's own (newest token's) position.
+            k_states = dmc.accumulate(p.k_unrotated, alpha, p.importance, ccfg.accumulation_window)
+            v_states = dmc.accumulate(p.v, alpha, p.importance, ccfg.accumulation_window)
+            cos, sin = rope_cos_sin(self.cfg, positions)
+            k_states = dmc.scale_borrowed_neurons(apply_rope(k_states, cos, sin), 0.0)
+            # State j survives for later queries iff token j + 1 does not merge into it: shift log(1 - alpha).
+            bias = dmc.attention_bias(dms.shift_to_owner(log_keep, 0.0), positions, positions, valid)
+            return attend(p.q, k_states, v_states, bias), decision
 
         return attention_fn
 
@@ -311,6 +376,8 @@ def forward_with_dense_cache(model: CausalLM, tokens, positions, valid, cache: d
     training forward's "hard" mode). Returns (logits [B, T, V] float32, updated cache).
     """
     dms_on = "decision" in cache
+    if dms_on and model.dms_cfg is None:
+        raise ValueError("a DMS dense cache needs a model built with a DMSConfig (DMC: forward_with_dmc_cache)")
     pos_all = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
     valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
     bias = causal_bias(positions, pos_all, valid_all)
@@ -343,9 +410,78 @@ def forward_with_dense_cache(model: CausalLM, tokens, positions, valid, cache: d
     return model.unembed(x).astype(jnp.float32), out
 
 
+def init_dmc_cache(cfg: ModelConfig, dmc_cfg: DMCConfig, batch: int, max_slots: int, dtype=jnp.float32) -> dict:
+    """A dense DMC cache: per (layer, sequence, KV head) up to max_slots slots and the accumulation window.
+
+    k, v [L, B, Hkv, S, D]: slot keys (RoPE applied at the newest merged token's position) and values;
+    n_slots [L, B, Hkv]; win_k, win_v [L, B, Hkv, W, D], win_w [L, B, Hkv, W], seg_len [L, B, Hkv]: the last W
+    tokens' pre-RoPE keys, values and importance, and how many of them the last slot averages (dmc.window_update);
+    n_seen [B]: valid tokens seen so far (the first one always appends). Heads fill at different rates; size
+    max_slots for the worst case (no merge at all). This is the simple reference the paged engine must match.
+    """
+    nl, hkv, d, w = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dmc_cfg.accumulation_window
+    slots, window = (nl, batch, hkv, max_slots, d), (nl, batch, hkv, w, d)
+    return {"k": jnp.zeros(slots, dtype), "v": jnp.zeros(slots, dtype),
+            "n_slots": jnp.zeros((nl, batch, hkv), jnp.int32),
+            "win_k": jnp.zeros(window, dtype), "win_v": jnp.zeros(window, dtype),
+            "win_w": jnp.ones((nl, batch, hkv, w), jnp.float32), "seg_len": jnp.zeros((nl, batch, hkv), jnp.int32),
+            "n_seen": jnp.zeros((batch,), jnp.int32)}
+
+
+def dmc_decode_step(model: CausalLM, tokens, positions, valid, cache: dict):
+    """One token per sequence through a DMC model with hard decisions: tokens, positions, valid [B].
+
+    Per layer and KV head the token's key/value either appends a slot or is merged into the last slot by the
+    importance-weighted mean (dmc.window_update, dmc.slot_write); the query then attends to the head's slots.
+    An invalid token (padding) leaves its row's cache unchanged. Returns (logits [B, V] float32, cache).
+    """
+    ccfg = model.dmc_cfg
+    if ccfg is None:
+        raise ValueError("dmc_decode_step needs a model built with a DMCConfig")
+    first = cache["n_seen"] == 0
+    pos = positions.astype(jnp.int32)[:, None]
+    x = model.embed_tokens(tokens[:, None])
+    keys = ("k", "v", "n_slots", "win_k", "win_v", "win_w", "seg_len")
+    new = {k: [] for k in keys}
+    for i, layer in enumerate(model.layers):
+        def attention_fn(p: Projected, i=i):
+            merge = (dms.hard_decisions(p.decision_logits[..., 0]) > 0.5) & ~first[:, None]  # [B, Hkv]
+            win_k, win_v, win_w, seg_len, state_k, state_v = dmc.window_update(
+                cache["win_k"][i], cache["win_v"][i], cache["win_w"][i], cache["seg_len"][i], cache["n_seen"],
+                p.k_unrotated[:, 0], p.v[:, 0], p.importance[..., 0], merge, valid)
+            cos, sin = rope_cos_sin(model.cfg, pos)
+            state_k = dmc.scale_borrowed_neurons(apply_rope(state_k[:, None], cos, sin), 0.0)[:, 0]
+            slots_k, slots_v, n_slots = dmc.slot_write(cache["k"][i], cache["v"][i], cache["n_slots"][i],
+                                                       state_k, state_v, merge, valid)
+            live = jnp.arange(slots_k.shape[2])[None, None, :] < n_slots[..., None]  # [B, Hkv, S]
+            bias = jnp.where(live, 0.0, MASK_VALUE)[:, :, None, :].astype(jnp.float32)
+            out = attend(p.q, jnp.swapaxes(slots_k, 1, 2).astype(p.q.dtype),
+                         jnp.swapaxes(slots_v, 1, 2).astype(p.q.dtype), bias)
+            return out, (slots_k, slots_v, n_slots, win_k, win_v, win_w, seg_len)
+
+        x, layer_cache = layer(x, pos, attention_fn, dms_on=True)
+        for k, val in zip(keys, layer_cache):
+            new[k].append(val)
+    out = {k: jnp.stack(v) for k, v in new.items()}
+    out["n_seen"] = cache["n_seen"] + valid.astype(jnp.int32)
+    return model.unembed(x)[:, 0].astype(jnp.float32), out
+
+
+def forward_with_dmc_cache(model: CausalLM, tokens, positions, valid, cache: dict):
+    """T tokens per sequence fed one at a time through dmc_decode_step (a scan over time): prefill and decode are
+    the same loop. tokens, positions, valid [B, T]. Returns (logits [B, T, V] float32, cache)."""
+    def step(c, xs):
+        tok, pos, val = xs
+        logits, c = dmc_decode_step(model, tok, pos, val, c)
+        return c, logits
+
+    cache, logits = jax.lax.scan(step, cache, (tokens.T, positions.T, valid.T))
+    return jnp.swapaxes(logits, 0, 1), cache
+
+
 def create_model(cfg: ModelConfig, dms_cfg: DMSConfig | None = None, *, seed: int = 0, dtype=jnp.float32,
-                 param_dtype=jnp.float32) -> CausalLM:
-    return CausalLM(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+                 param_dtype=jnp.float32, dmc_cfg: DMCConfig | None = None) -> CausalLM:
+    return CausalLM(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed), dmc_cfg=dmc_cfg)
 
 
 def abstract_model(cfg: ModelConfig, dms_cfg: DMSConfig | None = None, **kw) -> CausalLM:

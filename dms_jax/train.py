@@ -3,6 +3,13 @@
 Teacher = the original network with eviction off (a frozen copy of the starting weights). Student = the same
 network in DMS "train" mode. Loss = KL(student || teacher) over valid tokens + the one-sided compression hinge
 at the scheduled target. Everything here is a pure function of arrays, jit-compiled over a device mesh.
+
+method="dmc" retrofits Dynamic Memory Compression the same way, in two stages (as the reference,
+NVIDIA/Megatron-LM megatron/contrib/dmc, does in two runs): for `neuron_decay_steps` steps the student runs
+without compression while the q/k neurons DMC will borrow are multiplied by a factor falling from 1 to 0
+(dmc.neuron_decay_scale), KL only; then those neurons' projection weights are zeroed (zero_dmc_neurons: every
+merge logit starts at -offset, nothing merges) and the student trains in DMC "train" mode with the same hinge,
+the compression-ratio schedule starting over at that step.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dms_jax import dms
+from dms_jax import dmc, dms
 from dms_jax.model import CausalLM
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+METHODS = ("dms", "dmc")
 # optax.global_norm is deprecated in favour of optax.tree.norm (optax >= 0.2.5); keep older optax working.
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -45,6 +53,8 @@ class DistillConfig:
     compute_dtype: str = "bfloat16"  # master weights stay float32
     remat: bool = True
     seed: int = 0
+    method: str = "dms"  # "dms" (evict) or "dmc" (merge; needs a model built with a DMCConfig)
+    neuron_decay_steps: int = 0  # DMC stage one: steps that decay the borrowed neurons before compression starts
 
     def __post_init__(self):
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -67,13 +77,27 @@ class DistillConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         trainable_filter(self.trainable)  # raises on a bad pattern
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.neuron_decay_steps < 0 or (self.method == "dmc" and self.neuron_decay_steps >= self.steps):
+            raise ValueError(f"neuron_decay_steps must be in [0, steps) = [0, {self.steps}), "
+                             f"got {self.neuron_decay_steps}")
+        if self.method == "dms" and self.neuron_decay_steps:
+            raise ValueError("neuron_decay_steps is DMC's first stage; method='dms' takes none")
+
+    @property
+    def compression_start(self) -> int:
+        """The first step that trains with compression on (DMC: after the neuron-decay stage; DMS: 0)."""
+        return self.neuron_decay_steps if self.method == "dmc" else 0
 
     @property
     def schedule_final_step(self) -> int:
-        return self.cr_final_step or max(1, int(0.8 * self.steps))
+        """Steps from compression_start until the target CR reaches cr_final (default: 80% of those steps)."""
+        return self.cr_final_step or max(1, int(0.8 * (self.steps - self.compression_start)))
 
     def target_cr(self, step):
-        return dms.target_compression_ratio(step, self.cr_initial, self.cr_final, self.schedule_final_step)
+        since = jnp.maximum(jnp.asarray(step) - self.compression_start, 0)
+        return dms.target_compression_ratio(since, self.cr_initial, self.cr_final, self.schedule_final_step)
 
 
 def hf_style_name(path) -> str:
@@ -152,6 +176,32 @@ def zero_decision_neurons(model: CausalLM) -> None:
             proj.bias[...] = proj.bias[...].at[cols].set(0)
 
 
+def zero_dmc_neurons(model: CausalLM) -> None:
+    """Zeroes the q_proj and k_proj outputs (and biases) at element d-1 of every head: the neurons DMC borrows.
+
+    Done at the end of DMC's neuron-decay stage, as the reference does after its stage one: the decayed neurons
+    no longer serve attention, and zero weights make every merge logit start at exactly -offset (no merging) and
+    every importance at sigmoid(offset). Training then grows them into decisions. (With a q/k norm the zero
+    survives the norm: RMSNorm scales each element.)
+    """
+    cfg = model.cfg
+    d = cfg.head_dim
+    for layer in model.layers:
+        for proj, heads in ((layer.self_attn.q_proj, cfg.num_heads), (layer.self_attn.k_proj, cfg.num_kv_heads)):
+            cols = [h * d + d - 1 for h in range(heads)]
+            proj.kernel[...] = proj.kernel[...].at[:, cols].set(0)
+            if proj.bias is not None:
+                proj.bias[...] = proj.bias[...].at[cols].set(0)
+
+
+def zero_dmc_neurons_in_states(graphdef, params, frozen, trainable: str):
+    """(params, frozen) with zero_dmc_neurons applied; pure, so it can be jitted with the states' shardings."""
+    model = nnx.merge(graphdef, params, frozen)
+    zero_dmc_neurons(model)
+    _, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
+    return params, frozen
+
+
 def split_model(model: CausalLM, cfg: DistillConfig):
     """(graphdef, trainable, frozen, teacher) states of a freshly loaded model."""
     graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.trainable), ...)
@@ -165,10 +215,18 @@ def split_model(model: CausalLM, cfg: DistillConfig):
     return graphdef, params, frozen, teacher
 
 
-def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, target_fraction, remat):
+def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, target_fraction, remat,
+                 neuron_scale=None):
+    """KL + hinge. neuron_scale (DMC stage one): the student runs uncompressed with its borrowed neurons scaled,
+    and the loss is the KL alone."""
     student = nnx.merge(graphdef, params, frozen)
     teacher_model = nnx.merge(graphdef, teacher)
     t_logits, _ = teacher_model(tokens, valid=valid, dms_mode="off")
+    if neuron_scale is not None:
+        s_logits, _ = student(tokens, valid=valid, dms_mode="off", remat=remat, borrowed_neuron_scale=neuron_scale)
+        kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
+        zero = jnp.float32(0)
+        return kl, {"kl": kl, "loss_cr": zero, "eviction_fraction": zero}
     s_logits, aux = student(tokens, valid=valid, dms_mode="train", noise_key=noise_key, remat=remat)
     kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
     loss_cr = dms.compression_loss(aux["decisions"], valid, target_fraction)
@@ -179,19 +237,36 @@ def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, ta
 def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, out_shardings=None):
     """The jitted step: (params, frozen, teacher, opt_state, tokens [A, b, T], valid [A, b, T], step) ->
     (params, opt_state, metrics). A = grad_accum micro-batches, summed by a scan. Inputs keep the shardings
-    they were placed with; out_shardings=(params, opt_state, metrics) pins the outputs' layout."""
+    they were placed with; out_shardings=(params, opt_state, metrics) pins the outputs' layout.
+
+    method="dmc": two compiled steps (neuron decay, then compression), chosen by the step number, which must then
+    be a Python int; its metrics add "neuron_scale"."""
+    if cfg.method == "dmc":
+        decay_step = _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=True)
+        compress_step = _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=False)
+
+        def dmc_step(params, frozen, teacher, opt_state, tokens, valid, step: int):
+            fn = decay_step if step < cfg.neuron_decay_steps else compress_step
+            return fn(params, frozen, teacher, opt_state, tokens, valid, step)
+
+        return dmc_step
+    return _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=False)
+
+
+def _make_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, out_shardings, neuron_decay: bool):
     base_key = jax.random.key(cfg.seed)
 
     def step_fn(params, frozen, teacher, opt_state, tokens, valid, step):
         # Noise depends only on (seed, step, micro-batch): a resumed run draws the same noise.
         key = jax.random.fold_in(base_key, step)
         target = dms.target_eviction_fraction(cfg.target_cr(step))
+        neuron_scale = dmc.neuron_decay_scale(step, cfg.neuron_decay_steps) if neuron_decay else None
         grad_fn = jax.value_and_grad(distill_loss, argnums=1, has_aux=True)
 
         def micro(acc, xs):
             toks, val, i = xs
             (loss, metrics), grads = grad_fn(graphdef, params, frozen, teacher, toks, val,
-                                              jax.random.fold_in(key, i), target, cfg.remat)
+                                              jax.random.fold_in(key, i), target, cfg.remat, neuron_scale)
             acc_grads, acc_metrics = acc
             acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
             acc_metrics = jax.tree.map(jnp.add, acc_metrics, dict(metrics, loss=loss))
@@ -206,6 +281,8 @@ def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphd
         metrics = {k: v / n for k, v in metrics.items()}
         metrics["grad_norm"] = _tree_norm(grads)
         metrics["target_cr"] = cfg.target_cr(step)
+        if cfg.method == "dmc":
+            metrics["neuron_scale"] = jnp.float32(0) if neuron_scale is None else neuron_scale
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
@@ -238,13 +315,14 @@ def _eval_batch(graphdef, student_state, teacher_state, tokens, valid):
     return kl_sum, jnp.sum(w), nll_s, nll_t, n, aux["decisions"]
 
 
-def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: np.ndarray, window: int,
+def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: np.ndarray, window: int | None,
                      batch_size: int = 4) -> dict:
     """Held-out KL(student || teacher), perplexities, and KV statistics with hard (inference) decisions.
 
     Statistics (dms.kv_stats, summed over layers, heads and sequences):
       compression_ratio: tokens older than the window at the end of each sequence / how many of them are kept;
       cache_ratio: all tokens / live tokens at the end of each sequence.
+    A DMC model (window unused, may be None) counts slots instead (dmc.kv_stats): both ratios are tokens / slots.
     """
     graphdef, state = nnx.split(model)
     kl, n_kl, nll_s, nll_t, n_tok = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -253,7 +331,7 @@ def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: 
         tb, vb = jnp.asarray(tokens[i:i + batch_size]), jnp.asarray(valid[i:i + batch_size])
         a, b, c, d, e, decisions = _eval_batch(graphdef, state, teacher_state, tb, vb)
         kl, n_kl, nll_s, nll_t, n_tok = kl + float(a), n_kl + float(b), nll_s + float(c), nll_t + float(d), n_tok + float(e)
-        s = dms.kv_stats(decisions, vb, window)
+        s = dmc.kv_stats(decisions, vb) if model.dmc_cfg is not None else dms.kv_stats(decisions, vb, window)
         for k in stats:
             stats[k] += float(jnp.sum(s[k]))
     return {

