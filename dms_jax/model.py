@@ -9,7 +9,8 @@ The model runs in three DMS modes:
   "hard"  noise-free decisions (logit > 0) and exact delayed eviction: the reference the paged cache must match.
 A model built with a DMCConfig instead (Dynamic Memory Compression, dmc.py) runs the same three modes with DMC's
 merge decisions: "train" keeps every intermediate merged state and hides the overwritten ones by a soft bias,
-"hard" equals the token-by-token merge cache (forward_with_dmc_cache).
+"hard" equals the token-by-token merge cache (forward_with_dmc_cache; prefill_dmc_cache fills that cache from one
+hard full-sequence pass).
 The DMS / DMC math itself lives in dms.py / dmc.py as pure functions; this file only wires it in.
 """
 
@@ -328,29 +329,37 @@ class CausalLM(nnx.Module):
         return attention_fn
 
     def _full_sequence_dmc_attention(self, positions, valid, dms_mode, noise_key):
-        ccfg = self.dmc_cfg
         starts = dmc.segment_starts(valid)  # the first token (and padding) can only append
 
         def attention_fn(p: Projected):
-            if dms_mode == "train":
-                noise = dms.logistic_noise(noise_key, p.decision_logits.shape)
-                z = dmc.force_append(dms.noisy_logits(p.decision_logits, noise, ccfg.tau), starts, dms.KEEP_LOGIT)
-                alpha, decision = dms.gumbel_sigmoid(z, None, 1.0)
-                log_keep = dms.soft_log_keep(z)  # log(1 - alpha_t)
-            else:
-                decision = dmc.force_append(dms.hard_decisions(p.decision_logits), starts, 0.0)
-                alpha = decision
-                log_keep = dms.hard_log_keep(decision)
-            # Every intermediate state, then RoPE at each state's own (newest token's) position.
-            k_states = dmc.accumulate(p.k_unrotated, alpha, p.importance, ccfg.accumulation_window)
-            v_states = dmc.accumulate(p.v, alpha, p.importance, ccfg.accumulation_window)
-            cos, sin = rope_cos_sin(self.cfg, positions)
-            k_states = dmc.scale_borrowed_neurons(apply_rope(k_states, cos, sin), 0.0)
-            # State j survives for later queries iff token j + 1 does not merge into it: shift log(1 - alpha).
-            bias = dmc.attention_bias(dms.shift_to_owner(log_keep, 0.0), positions, positions, valid)
-            return attend(p.q, k_states, v_states, bias), decision
+            out, decision, _, _ = _dmc_sequence_attention(self.cfg, self.dmc_cfg, p, positions, valid, starts,
+                                                          dms_mode, noise_key)
+            return out, decision
 
         return attention_fn
+
+
+def _dmc_sequence_attention(cfg: ModelConfig, ccfg: DMCConfig, p: Projected, positions, valid, starts, dms_mode,
+                            noise_key):
+    """DMC attention of a whole sequence ("train" or "hard"): (output [B, T, Hq, D], decisions [B, Hkv, T],
+    k_states [B, T, Hkv, D] (RoPE applied), v_states [B, T, Hkv, D]) -- every intermediate merged state."""
+    if dms_mode == "train":
+        noise = dms.logistic_noise(noise_key, p.decision_logits.shape)
+        z = dmc.force_append(dms.noisy_logits(p.decision_logits, noise, ccfg.tau), starts, dms.KEEP_LOGIT)
+        alpha, decision = dms.gumbel_sigmoid(z, None, 1.0)
+        log_keep = dms.soft_log_keep(z)  # log(1 - alpha_t)
+    else:
+        decision = dmc.force_append(dms.hard_decisions(p.decision_logits), starts, 0.0)
+        alpha = decision
+        log_keep = dms.hard_log_keep(decision)
+    # Every intermediate state, then RoPE at each state's own (newest token's) position.
+    k_states = dmc.accumulate(p.k_unrotated, alpha, p.importance, ccfg.accumulation_window)
+    v_states = dmc.accumulate(p.v, alpha, p.importance, ccfg.accumulation_window)
+    cos, sin = rope_cos_sin(cfg, positions)
+    k_states = dmc.scale_borrowed_neurons(apply_rope(k_states, cos, sin), 0.0)
+    # State j survives for later queries iff token j + 1 does not merge into it: shift log(1 - alpha).
+    bias = dmc.attention_bias(dms.shift_to_owner(log_keep, 0.0), positions, positions, valid)
+    return attend(p.q, k_states, v_states, bias), decision, k_states, v_states
 
 
 def init_dense_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, dms: bool = False) -> dict:
@@ -477,6 +486,70 @@ def forward_with_dmc_cache(model: CausalLM, tokens, positions, valid, cache: dic
 
     cache, logits = jax.lax.scan(step, cache, (tokens.T, positions.T, valid.T))
     return jnp.swapaxes(logits, 0, 1), cache
+
+
+def prefill_dmc_cache(model: CausalLM, tokens, positions, valid, max_slots: int, dtype=jnp.float32,
+                      all_logits: bool = False):
+    """A prompt into a fresh DMC cache in one parallel pass instead of T decode steps: (logits, cache).
+
+    The hard-mode full-sequence forward (every intermediate merged state, hidden by the bias as in training)
+    gives the logits; per layer and KV head, the state that ends each segment (the next valid token appends)
+    is the slot the token-by-token cache holds, so scattering those states to their slot index (appended tokens
+    so far - 1) and the last W valid tokens into the accumulation ring builds the cache forward_with_dmc_cache
+    would build from the same tokens (tests/test_dmc.py checks both against each other). tokens, positions,
+    valid [B, T] (left or right padding); max_slots >= T. Logits: the last position's [B, V] float32, or all
+    positions' [B, T, V] with all_logits=True.
+    """
+    cfg, ccfg = model.cfg, model.dmc_cfg
+    if ccfg is None:
+        raise ValueError("prefill_dmc_cache needs a model built with a DMCConfig")
+    b, t = tokens.shape
+    if max_slots < t:
+        raise ValueError(f"max_slots ({max_slots}) must be >= the prompt width ({t}): every token may append")
+    hkv, d, w = cfg.num_kv_heads, cfg.head_dim, ccfg.accumulation_window
+    v_b = valid.astype(bool)
+    starts = dmc.segment_starts(v_b)
+    n_seen = jnp.sum(v_b, axis=-1, dtype=jnp.int32)
+    valid_index = jnp.cumsum(v_b, axis=-1, dtype=jnp.int32) - 1  # [B, T]: index among the row's valid tokens
+    # The ring keeps the last W valid tokens at (valid index % W); older ones and padding go nowhere (index W).
+    ring = jnp.where(v_b & (valid_index >= n_seen[:, None] - w), valid_index % w, w)
+    ring = jnp.broadcast_to(ring[:, None, :], (b, hkv, t))
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
+    tokens_valid = v_b[:, None, :]  # [B, 1, T]
+
+    def to_heads(x):  # [B, T, H, D] -> [B, H, T, D] in the cache dtype
+        return jnp.swapaxes(x, 1, 2).astype(dtype)
+
+    x = model.embed_tokens(tokens)
+    keys = ("k", "v", "n_slots", "win_k", "win_v", "win_w", "seg_len")
+    new = {k: [] for k in keys}
+    for layer in model.layers:
+        def attention_fn(p: Projected):
+            out, decision, k_states, v_states = _dmc_sequence_attention(cfg, ccfg, p, positions, v_b, starts, "hard",
+                                                                        None)
+            appended = tokens_valid & (decision < 0.5)  # [B, Hkv, T]
+            slot = jnp.cumsum(appended, axis=-1, dtype=jnp.int32) - 1  # the slot each valid token belongs to
+            n_slots = jnp.sum(appended, axis=-1, dtype=jnp.int32)
+            # A state is kept iff the next token does not merge into it (padding and the sequence end append).
+            seg_end = tokens_valid & (dms.shift_to_owner(decision, 0.0) < 0.5)
+            target = jnp.where(seg_end, slot, max_slots)
+            slots_k = jnp.zeros((b, hkv, max_slots, d), dtype).at[bi, hi, target].set(to_heads(k_states), mode="drop")
+            slots_v = jnp.zeros((b, hkv, max_slots, d), dtype).at[bi, hi, target].set(to_heads(v_states), mode="drop")
+            win_k = jnp.zeros((b, hkv, w, d), dtype).at[bi, hi, ring].set(to_heads(p.k_unrotated), mode="drop")
+            win_v = jnp.zeros((b, hkv, w, d), dtype).at[bi, hi, ring].set(to_heads(p.v), mode="drop")
+            win_w = jnp.ones((b, hkv, w), jnp.float32).at[bi, hi, ring].set(p.importance, mode="drop")
+            # Tokens averaged into the last slot (at most W of them).
+            in_last = tokens_valid & (slot == n_slots[..., None] - 1)
+            seg_len = jnp.minimum(jnp.sum(in_last, axis=-1, dtype=jnp.int32), w)
+            return out, (slots_k, slots_v, n_slots, win_k, win_v, win_w, seg_len)
+
+        x, layer_cache = layer(x, positions, attention_fn, dms_on=True)
+        for k, val in zip(keys, layer_cache):
+            new[k].append(val)
+    cache = {k: jnp.stack(v) for k, v in new.items()}
+    cache["n_seen"] = n_seen
+    logits = model.unembed(x if all_logits else x[:, -1:]).astype(jnp.float32)
+    return (logits if all_logits else logits[:, 0]), cache
 
 
 def create_model(cfg: ModelConfig, dms_cfg: DMSConfig | None = None, *, seed: int = 0, dtype=jnp.float32,

@@ -2,6 +2,7 @@
 
     python -m experiments.distill --preset cpu                      # SmolLM2-135M-Instruct on this CPU
     python -m experiments.distill --preset cpu --resume             # continue after a crash / kill
+    python -m experiments.distill --preset cpu-dmc                  # the same budget for DMC (merging)
     python -m experiments.distill --model DIR --mesh 2,2,2 ...      # any supported model, 8 devices
 
 Multi-process (one process per host, or several on localhost for testing):
@@ -31,6 +32,16 @@ PRESETS = {
     "cpu": dict(steps=200, batch_size=4, grad_accum=1, seq_len=256, window=64, cr_final=4.5, cr_final_step=150,
                 lr=1e-4, trainable="all", variant="adapter", checkpoint_every=40, eval_seqs=16, eval_seq_len=2048,
                 passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25),
+    # DMC (merge-based predecessor) on the same CPU budget and data as "cpu": 200 steps of 4 x 256 tokens, a quarter
+    # recall rows, target CR 4.5 at step 150 as there (cr_final_step counts from the end of the neuron-decay stage,
+    # so 150 - 20 = 130), then 50 steps at 4.5. Neuron decay: the reference gives it a run of its own; here 20 steps
+    # (10%, the CLI default): the borrowed q/k neurons fall to 0 over 16 of them, 4 more train at 0, then the weights
+    # are zeroed. DMC borrows element d-1 of every q and k head (DMS one q head per group): on SmolLM2, zeroing them at
+    # step 0 costs 0.64 nats of KL, after the 20 decay steps the first compression step starts at ~0.17 (steps 17-20
+    # at scale 0: 0.11-0.16), while 20 steps still leave 130 for the CR ramp.
+    "cpu-dmc": dict(method="dmc", neuron_decay_steps=20, steps=200, batch_size=4, grad_accum=1, seq_len=256,
+                    cr_final=4.5, cr_final_step=130, lr=1e-4, trainable="all", checkpoint_every=40, eval_seqs=16,
+                    eval_seq_len=2048, passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25),
     # The README demo: a few minutes end to end.
     "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
                  lr=1e-4, trainable="all", variant="adapter", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
@@ -41,7 +52,7 @@ PRESETS = {
                  passkey_lengths="512"),
 }
 DEFAULTS = dict(steps=300, batch_size=4, grad_accum=1, seq_len=256, window=256, cr_final=4.0, cr_final_step=None,
-                variant="neuron",
+                variant="neuron", method="dms",
                 lr=3e-5, trainable="all", checkpoint_every=50, eval_seqs=16, eval_seq_len=2048, passkey_cases=0,
                 passkey_lengths="1024,2048", recall_fraction=0.0)
 
@@ -73,7 +84,7 @@ def parse_args(argv=None):
                    help="neuron variant: zero the borrowed q neuron so training starts from 'evict nothing'")
     p.add_argument("--window", type=int)
     p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--method", default="dms", choices=["dms", "dmc"],
+    p.add_argument("--method", choices=["dms", "dmc"],
                    help="dms: learned delayed eviction; dmc: Dynamic Memory Compression (merge into the last slot)")
     p.add_argument("--dmc-window", type=int, default=12, help="dmc: a slot averages at most this many newest tokens")
     p.add_argument("--dmc-offset", type=float, default=5.0,
@@ -127,9 +138,6 @@ def validate(args):
         compression_cfg = DMCConfig(accumulation_window=args.dmc_window, tau=args.tau, logit_offset=args.dmc_offset)
         if args.neuron_decay_steps is None:
             args.neuron_decay_steps = args.steps // 10
-        if args.passkey_cases:
-            raise ValueError("--passkey-cases needs generation with a DMC cache, which the engine does not have yet; "
-                             "pass --passkey-cases 0 with --method dmc")
     else:
         compression_cfg = DMSConfig(variant=args.variant, window=args.window, tau=args.tau, alpha_per=args.alpha_per)
         if args.neuron_decay_steps:
@@ -159,20 +167,33 @@ def machine_description() -> str:
             f"{dev.platform} x{jax.device_count()} ({dev.device_kind}), {jax.process_count()} process(es)")
 
 
-def passkey_accuracy(model, tokenizer, lengths, n, *, dms: bool, batch: int = 5, seed: int = 1234) -> dict:
-    """Greedy passkey retrieval accuracy per prompt length (same cases for every model)."""
+def passkey_accuracy(model, tokenizer, lengths, n, *, dms: bool, dmc: bool = False, batch: int = 5,
+                     seed: int = 1234, cache_ratios: dict | None = None) -> dict:
+    """Greedy passkey retrieval accuracy per prompt length (same cases for every model).
+
+    dms: the model's hard DMS eviction (dense cache); dmc: the model's hard DMC merges through its merge cache
+    (generate_dmc). With dmc, cache_ratios (a dict) receives per length the tokens / slots of the caches at the end
+    of generation, summed over the cases.
+    """
     from dms_jax import tasks
-    from dms_jax.generate import generate
+    from dms_jax.generate import generate, generate_dmc
 
     out = {}
     for length in lengths:
         cases = tasks.make_passkey_cases(tokenizer, n, seed=seed, target_tokens=length)
-        hits = 0
+        hits, n_tokens, n_live = 0, 0.0, 0.0
         for i in range(0, n, batch):
             chunk = cases[i:i + batch]
-            answers = generate(model, [list(c.prompt_ids) for c in chunk], max_new_tokens=16, dms=dms)
+            prompts = [list(c.prompt_ids) for c in chunk]
+            if dmc:
+                answers, stats = generate_dmc(model, prompts, max_new_tokens=16)
+                n_tokens, n_live = n_tokens + float(stats["n_tokens"].sum()), n_live + float(stats["n_live"].sum())
+            else:
+                answers = generate(model, prompts, max_new_tokens=16, dms=dms)
             hits += sum(tasks.score_passkey(tokenizer.decode(a), c.answer) for c, a in zip(chunk, answers))
         out[str(length)] = hits / n
+        if dmc and cache_ratios is not None:
+            cache_ratios[str(length)] = n_tokens / max(n_live, 1.0)
     return out
 
 
@@ -410,8 +431,12 @@ def main(argv=None) -> dict:
         summary.update(ev, eval_seqs=n, eval_seq_len=args.eval_seq_len)
     if is_main and args.passkey_cases:
         vanilla = nnx.merge(eval_graphdef, original)
+        ratios = {}
         summary["passkey_accuracy"] = passkey_accuracy(student, tokenizer, passkey_lengths, args.passkey_cases,
-                                                       dms=True)
+                                                       dms=dms_cfg is not None, dmc=dmc_cfg is not None,
+                                                       cache_ratios=ratios)
+        if ratios:  # DMC: tokens / slots at the end of the passkey generations
+            summary["passkey_cache_ratio"] = ratios
         summary["passkey_accuracy_vanilla"] = passkey_accuracy(vanilla, tokenizer, passkey_lengths,
                                                                args.passkey_cases, dms=False)
         summary["passkey_cases"] = args.passkey_cases

@@ -437,6 +437,134 @@ def test_stage_one_scale_one_is_the_teacher_and_scale_zero_is_dmc_without_merges
         M.create_model(LLAMA, DMSConfig(), dmc_cfg=ccfg)
 
 
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def _left_and_right_padded_batch(cfg, rng, t=14):
+    """Three rows of t slots: full, four slots of left padding, three slots of right padding."""
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(3, t)), jnp.int32)
+    valid = np.ones((3, t), bool)
+    valid[1, :4] = False
+    valid[2, -3:] = False
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    return tokens, jnp.asarray(positions, jnp.int32), jnp.asarray(valid)
+
+
+def test_parallel_prefill_equals_the_token_by_token_cache():
+    """model.prefill_dmc_cache (one full-sequence pass, states scattered to their slots) against
+    forward_with_dmc_cache (one dmc_decode_step per token): the same logits and the same cache, with left and right
+    padding and segments longer than the accumulation window (W = 3)."""
+    ccfg = DMCConfig(accumulation_window=3, logit_offset=0.3)
+    model = wide_model(LLAMA, ccfg, seed=1)
+    t, max_slots = 14, 16
+    tokens, positions, valid = _left_and_right_padded_batch(LLAMA, np.random.default_rng(11), t)
+    gd, state = nnx.split(model)
+    parallel = jax.jit(lambda s, tk, p, v: M.prefill_dmc_cache(nnx.merge(gd, s), tk, p, v, max_slots,
+                                                               all_logits=True))
+    scan = jax.jit(lambda s, tk, p, v: M.forward_with_dmc_cache(
+        nnx.merge(gd, s), tk, p, v, M.init_dmc_cache(LLAMA, ccfg, 3, max_slots)))
+    got_logits, got = parallel(state, tokens, positions, valid)
+    want_logits, want = scan(state, tokens, positions, valid)
+    v_np = np.asarray(valid)
+    ref = np.asarray(want_logits)[v_np]
+    assert np.abs(np.asarray(got_logits)[v_np] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert set(got) == set(want)
+    for key in ("n_slots", "seg_len", "n_seen"):
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    for key in ("k", "v", "win_k", "win_v", "win_w"):
+        chex.assert_equal_shape([got[key], want[key]])
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=1e-5, err_msg=key)
+    # The check has teeth: both merges and appends, and some segment longer than the window.
+    slots = np.asarray(want["n_slots"])
+    seen = v_np.sum(-1)
+    assert (slots < seen[None, :, None]).any() and (slots > seen[None, :, None] // 2).any()
+    assert (np.asarray(want["seg_len"]) == 3).any()
+    last, _ = jax.jit(lambda s: M.prefill_dmc_cache(nnx.merge(gd, s), tokens, positions, valid, max_slots))(state)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(got_logits)[:, -1])
+    with pytest.raises(ValueError, match="max_slots"):
+        M.prefill_dmc_cache(model, tokens, positions, valid, t - 1)
+
+
+def _greedy_by_full_recompute(model, prompt, n_new, width):
+    """Greedy tokens by recomputing the whole hard-mode forward for every new token (right-padded to `width` so
+    that one compiled forward serves every step; padding after the last token changes nothing before it)."""
+    gd, state = nnx.split(model)
+    fwd = jax.jit(lambda s, tk, v: nnx.merge(gd, s)(tk, valid=v, dms_mode="hard")[0])
+    seq = list(prompt)
+    for _ in range(n_new):
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(seq)] = seq
+        valid = np.arange(width)[None] < len(seq)
+        logits = fwd(state, jnp.asarray(tokens), jnp.asarray(valid))
+        seq.append(int(np.argmax(np.asarray(logits)[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+def test_generate_dmc_greedy_equals_recomputing_the_hard_forward():
+    """generate_dmc (parallel prefill, then merge-cache decode, stop ids, left-padded batch) against greedy decoding
+    that recomputes the hard-mode full forward from scratch for every token; its cache statistics against the
+    decisions of that forward over everything the cache has seen."""
+    from dms_jax.generate import generate, generate_dmc
+
+    ccfg = DMCConfig(accumulation_window=3, logit_offset=0.3)
+    model = wide_model(LLAMA, ccfg, seed=2)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, LLAMA.vocab_size, size=n).tolist() for n in (5, 11)]
+    n_new = 10
+    refs = [_greedy_by_full_recompute(model, p, n_new, 11 + n_new) for p in prompts]
+    # Stop at the first occurrence of a token the first row emits mid-way; other rows stop there too if they emit it.
+    k = next(i for i in range(2, n_new) if refs[0][i] not in refs[0][:i])
+    stop = refs[0][k]
+    want = [r[:r.index(stop) + 1] if stop in r else r for r in refs]
+    assert len(want[0]) == k + 1 < n_new
+
+    got, stats = generate_dmc(model, prompts, max_new_tokens=n_new, stop_ids=[stop], pad_to_multiple=8)
+    assert got == want
+    got_scan, stats_scan = generate_dmc(model, prompts, max_new_tokens=n_new, stop_ids=[stop], pad_to_multiple=8,
+                                        prefill="scan")
+    assert got_scan == want
+    for key in stats:
+        np.testing.assert_allclose(stats_scan[key], stats[key], err_msg=key)
+    # Merges change the continuation: the comparison is not one between two dense decodes.
+    assert generate(model, prompts, max_new_tokens=n_new, stop_ids=[stop], pad_to_multiple=8) != want
+
+    # Statistics: every prompt and emitted token went into the cache; a head holds one slot per appended token.
+    for row, (p, out) in enumerate(zip(prompts, got)):
+        seq = jnp.asarray([p + out], jnp.int32)
+        _, aux = model(seq, dms_mode="hard")
+        slots = (np.asarray(aux["decisions"])[:, 0] < 0.5).sum(-1)  # [L, Hkv]
+        np.testing.assert_array_equal(stats["slots"][row], slots)
+        assert stats["tokens_seen"][row] == seq.shape[1]
+        assert stats["n_tokens"][row] == LLAMA.num_layers * LLAMA.num_kv_heads * seq.shape[1]
+        assert stats["n_live"][row] == slots.sum()
+        assert stats["cache_ratio"][row] == pytest.approx(stats["n_tokens"][row] / slots.sum())
+    assert stats["cache_ratio"].min() > 1.2  # merges happened
+    with pytest.raises(ValueError, match="prefill"):
+        generate_dmc(model, prompts, prefill="chunked")
+    with pytest.raises(ValueError, match="DMCConfig"):
+        generate_dmc(M.create_model(LLAMA), prompts)
+
+
+def test_generate_dmc_without_merges_equals_dense_generation():
+    """Borrowed neurons zeroed (every merge logit = -offset < 0): no token merges, and DMC generation, greedy and
+    sampled, equals plain dense generation of the same weights; the cache ratio is 1."""
+    from dms_jax.generate import SamplingConfig, generate, generate_dmc
+
+    model = wide_model(LLAMA, DMCConfig(accumulation_window=3), seed=3)
+    train.zero_dmc_neurons(model)
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(0, LLAMA.vocab_size, size=n).tolist() for n in (9, 3)]
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0, top_k=20)):
+        kw = dict(max_new_tokens=8, stop_ids=[-1], sampling=sampling, seed=7, pad_to_multiple=8)
+        got, stats = generate_dmc(model, prompts, **kw)
+        assert got == generate(model, prompts, **kw), sampling
+        assert all(len(x) == 8 for x in got)
+        np.testing.assert_array_equal(stats["tokens_seen"], [9 + 8, 3 + 8])
+        np.testing.assert_array_equal(stats["cache_ratio"], [1.0, 1.0])
+        np.testing.assert_array_equal(stats["slots"], np.broadcast_to(
+            stats["tokens_seen"][:, None, None], (2, LLAMA.num_layers, LLAMA.num_kv_heads)))
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -504,9 +632,11 @@ def assets(tmp_path_factory):
 def test_cli_dmc_run_exports_and_reloads(assets, tmp_path):
     run_dir = tmp_path / "run"
     args = th.tiny_cli_args(assets, run_dir, "--method", "dmc", "--neuron-decay-steps", "2", "--dmc-window", "4",
-                            "--eval-seqs", "2", "--eval-seq-len", "64", steps=6)
+                            "--eval-seqs", "2", "--eval-seq-len", "64", "--passkey-cases", "2",
+                            "--passkey-lengths", "320", steps=6)
     args.remove("--no-export")
-    th.assert_ok(th.run_cli(args, th.cli_env(assets), tmp_path / "log.txt"))
+    # Training, evaluation, export and four compiled generation loops: ~1 min quiet, over 5 on a loaded 2-core machine.
+    th.assert_ok(th.run_cli(args, th.cli_env(assets), tmp_path / "log.txt", timeout=900))
 
     rows = th.read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -518,6 +648,9 @@ def test_cli_dmc_run_exports_and_reloads(assets, tmp_path):
     res = json.loads((run_dir / "results.json").read_text())
     assert res["method"] == "dmc" and res["dmc_accumulation_window"] == 4 and res["neuron_decay_steps"] == 2
     assert res["compression_ratio"] >= 1 and np.isfinite(res["kl_heldout"])
+    # Passkey: the student generates through its merge cache (generate_dmc), the original densely.
+    assert res["passkey_cases"] == 2 and set(res["passkey_accuracy"]) == set(res["passkey_accuracy_vanilla"]) == {"320"}
+    assert 0 <= res["passkey_accuracy"]["320"] <= 1 and res["passkey_cache_ratio"]["320"] >= 1
     cfg = json.loads((run_dir / "export" / "config.json").read_text())
     assert cfg["dmc_accumulation_window"] == 4 and cfg["dmc_tau"] == 0.1 and cfg["dmc_logit_offset"] == 5.0
     assert cfg["dmc_cr"] == round(res["compression_ratio"], 3)
@@ -533,13 +666,26 @@ def test_cli_dmc_refuses_dms_only_settings(assets, tmp_path, capsys, monkeypatch
     from experiments import distill
 
     monkeypatch.setattr(weights, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
-    for extra, message in [(["--method", "dmc", "--passkey-cases", "2"], "--passkey-cases"),
-                           (["--neuron-decay-steps", "2"], "needs --method dmc"),
+    for extra, message in [(["--neuron-decay-steps", "2"], "needs --method dmc"),
                            (["--method", "dmc", "--neuron-decay-steps", "6"], "neuron_decay_steps"),
                            (["--method", "dmc", "--dmc-window", "0"], "accumulation_window")]:
         with pytest.raises(SystemExit):
             distill.main(th.tiny_cli_args(assets, tmp_path / "run", *extra))
         assert message in capsys.readouterr().err, extra
+
+
+def test_cpu_dmc_preset_matches_the_cpu_budget():
+    from experiments import distill
+
+    args, _ = distill.parse_args(["--preset", "cpu-dmc"])
+    _, tcfg, _, lengths = distill.validate(args)
+    cpu = distill.PRESETS["cpu"]
+    for key in ("steps", "batch_size", "seq_len", "lr", "trainable", "cr_final", "recall_fraction", "eval_seq_len",
+                "passkey_cases"):
+        assert getattr(args, key) == cpu[key], key
+    assert args.method == tcfg.method == "dmc" and tcfg.compression_start == 20 and lengths == [1024, 2048]
+    assert float(tcfg.target_cr(20)) == 1.0 and float(tcfg.target_cr(150)) == pytest.approx(4.5)  # as "cpu" at 150
+    assert distill.parse_args([])[0].method == "dms"
 
 
 @pytest.mark.slow  # three tiny runs; ~3 min quiet, 10 under load
