@@ -28,7 +28,9 @@ live tokens and memory is actually freed (not masked).
 
 Eviction policies (`EvictionPolicy`) decide *which* tokens go; this file implements "vanilla" (no eviction),
 "dms" (the model's learned decisions) and "fixed" (a position pattern with a chosen compression ratio, for
-benchmarks). Baselines (TOVA, H2O, StreamingLLM, Quest) plug in through the same object: see its docstring.
+benchmarks). The baselines (TOVA, H2O, StreamingLLM, Quest; ``dms_jax/baselines.py``) plug in through the same
+object (see its docstring); TOVA and H2O choose their victim slots from attention scores kept in
+``PagedCache.policy_state`` and overwrite them exactly like DMS does, so their memory is really freed.
 
 All functions here are pure and jit-compatible; the engine (engine.py) composes them.
 """
@@ -129,10 +131,15 @@ class PagedCache:
     ring_dec: Array  # [L, S, Hkv, R] bool
     num_tokens: Array  # [S] int32
     high_water: Array  # [] int32: most pages in use at once (excluding the sink) since creation
+    # The eviction policy's own per-slot bookkeeping (``EvictionPolicy.init_state``): None for the policies that
+    # need none (vanilla, dms, fixed, streaming); else a pytree whose leaves all have leading dims [L, S] (TOVA /
+    # H2O: attention scores and positions per slot; Quest: per-page key bounds). Forks, releases and slot resizes
+    # treat it like the tables.
+    policy_state: Any = None
 
 
-def init_cache(spec: CacheSpec) -> PagedCache:
-    """An empty cache: every page free, every table pointing at the sink."""
+def init_cache(spec: CacheSpec, policy: "EvictionPolicy | None" = None) -> PagedCache:
+    """An empty cache: every page free, every table pointing at the sink (and the policy's initial state)."""
     L, S, H, M, R = spec.num_layers, spec.max_seqs, spec.num_kv_heads, spec.max_pages_per_head, spec.ring
     shape = (spec.pool_pages, spec.page_size, spec.head_dim)
     return PagedCache(
@@ -145,7 +152,13 @@ def init_cache(spec: CacheSpec) -> PagedCache:
         ring_dec=jnp.zeros((L, S, H, R), bool),
         num_tokens=jnp.zeros((S,), jnp.int32),
         high_water=jnp.zeros((), jnp.int32),
+        policy_state=None if policy is None else policy.init_state(spec),
     )
+
+
+def _state_rows(state: Any, fn) -> Any:
+    """Applies ``fn(leaf)`` to every leaf of a policy state (leaves are [L, S, ...]); None stays None."""
+    return None if state is None else jax.tree.map(fn, state)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,15 +176,23 @@ class EvictionPolicy:
       ``positions`` ``[B, T]`` (``None`` when ``uses_model_decisions`` is False). Returns the 0/1 (bool) eviction
       decision for the token at ``positions - 1`` (the one-token shift). A marked token stays ``window`` more
       positions, then its slot is reused. Vanilla returns all False.
-    * ``victims(ring_victim, lengths, state)``: ``[L, S, Hkv]`` slot the incoming decode token overwrites (-1 =
-      append). The default is the ring's answer (the token leaving the window, if marked). Score-based
-      policies (TOVA, H2O) return their own victim slot here, chosen from per-slot scores they keep in ``state``
-      (updated by ``observe_attention``); StreamingLLM is a decision policy (decision = position >= sinks).
-    * ``page_mask(q, block_tables, lengths, state)``: optional ``[S, Hkv, M]`` pages the decode attention reads
-      (Quest: top pages by key bounds); None reads every live page.
+    * ``victims(ring_victim, lengths, state, num_tokens)``: ``[L, S, Hkv]`` slot the incoming decode token
+      overwrites (-1 = append). The default is the ring's answer (the token leaving the window, if marked).
+      Score-based policies (TOVA, H2O) return their own victim slot here, chosen from per-slot scores they keep
+      in ``state`` (``cache.policy_state``); StreamingLLM is a decision policy (decision = position >= sinks).
+    * ``page_mask(q, block_tables, lengths, state, page_size)``: optional ``[S, Hkv, M]`` pages the decode
+      attention reads (Quest: top pages by key bounds); None reads every live page.
+    * ``observe_decode(state, ...)`` (per layer, after the attention, with the pool holding the new token):
+      returns the layer's updated state (TOVA / H2O: the current query's attention probabilities per slot, from
+      an extra score pass; Quest: the per-page key bounds and the step's reads). Default: unchanged.
+    * ``prefill_plan(state, ...)`` (per layer and chunk): optionally its own ``ChunkPlan`` -- which cached slots
+      to free and which chunk tokens to keep (TOVA / H2O keep the cache within their budget during prefill) --
+      and the layer's updated state. Default: (None, state): the ring's plan (``plan_chunk``).
+    * ``decode_reads(cache)``: ``[S]`` KV token reads of the last decode step (default: the live tokens).
 
     ``uses_model_decisions`` says whether the model computes DMS logits (and zeroes its borrowed query neuron):
-    only the "dms" policy does; the others run the model unchanged.
+    only the "dms" policy does; the others run the model unchanged. ``init_state(spec)`` builds the policy's
+    state (None for the stateless policies; then every hook above is free).
     """
 
     name: ClassVar[str] = "base"
@@ -188,11 +209,33 @@ class EvictionPolicy:
     def decisions(self, logits: Array | None, positions: Array, num_kv_heads: int) -> Array:
         raise NotImplementedError
 
-    def victims(self, ring_victim: Array, lengths: Array, state: Any = None) -> Array:
+    def victims(self, ring_victim: Array, lengths: Array, state: Any = None, num_tokens: Array | None = None) -> Array:
         return ring_victim
 
-    def page_mask(self, q, block_tables, lengths, state: Any = None):
+    def init_state(self, spec: "CacheSpec") -> Any:
         return None
+
+    def observe_decode(self, state: Any, *, q: Array, k_new: Array, k_pages: Array, block_tables: Array,
+                       lengths: Array, target: Array, positions: Array, active: Array,
+                       page_mask: Array | None = None) -> Any:
+        """One layer's state after a decode step: q ``[S, Hkv, G, D]``, k_new ``[S, Hkv, D]``, k_pages the pool
+        with the new token written, lengths ``[S, Hkv]`` (including the new token), target ``[S, Hkv]`` its slot,
+        positions ``[S]`` its position, active ``[S]``, page_mask what ``page_mask`` returned for the step."""
+        return state
+
+    def page_mask(self, q, block_tables, lengths, state: Any = None, page_size: int | None = None):
+        return None
+
+    def prefill_plan(self, state: Any, *, q: Array, k: Array, chunk_vis: Array, k_pages: Array,
+                     block_tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array,
+                     n_valid: Array, page_size: int) -> tuple[Any, Any]:
+        """(ChunkPlan or None, the layer's new state) for one prefill chunk: q ``[B, C, Hq, D]``, k ``[B, C, Hkv,
+        D]`` (RoPE applied), chunk_vis ``[B, Hkv, C, C]``, block_tables ``[B, Hkv, M]``, lengths ``[B, Hkv]`` (before
+        the chunk), num_tokens / n_valid ``[B]``."""
+        return None, state
+
+    def decode_reads(self, cache: "PagedCache") -> Array:
+        return jnp.sum(cache.lengths, axis=(0, 2), dtype=jnp.int32)
 
     def describe(self) -> dict:
         return {"policy": self.name, "window": int(self.window)}
@@ -260,11 +303,13 @@ class FixedRatePolicy(EvictionPolicy):
         return {"policy": self.name, "window": int(self.window), "cr": int(self.cr)}
 
 
-POLICIES = ("vanilla", "dms", "fixed")
+POLICIES = ("vanilla", "dms", "fixed", "tova", "h2o", "streaming", "quest")
 
 
 def make_policy(name: str | EvictionPolicy, dms_cfg=None, **kw) -> EvictionPolicy:
-    """A policy by name: "vanilla", "dms" (window / alpha_per from the model's DMSConfig unless given), "fixed"."""
+    """A policy by name: "vanilla", "dms" (window / alpha_per from the model's DMSConfig unless given), "fixed",
+    or a baseline of ``dms_jax.baselines`` ("tova", "h2o", "streaming", "quest"; keyword ``budget`` = tokens per
+    KV head)."""
     if isinstance(name, EvictionPolicy):
         return name
     if name == "vanilla":
@@ -277,6 +322,10 @@ def make_policy(name: str | EvictionPolicy, dms_cfg=None, **kw) -> EvictionPolic
         return DMSPolicy(window=window, alpha_per=alpha_per, **kw)
     if name == "fixed":
         return FixedRatePolicy(**kw)
+    if name in ("tova", "h2o", "streaming", "quest"):
+        from dms_jax import baselines  # baselines builds on this module
+
+        return baselines.BASELINES[name](**kw)
     raise ValueError(f"unknown eviction policy {name!r}; known: {POLICIES}")
 
 
@@ -335,6 +384,8 @@ def release(cache: PagedCache, seqs: Array, page_size: int) -> PagedCache:
         ring_slot=jnp.where(keep3[..., None], cache.ring_slot, 0),
         ring_dec=cache.ring_dec & keep3[..., None],
         num_tokens=jnp.where(seqs, 0, cache.num_tokens),
+        policy_state=_state_rows(cache.policy_state, lambda x: jnp.where(
+            seqs.reshape((1, -1) + (1,) * (x.ndim - 2)), jnp.zeros_like(x), x)),
     )
 
 
@@ -366,6 +417,7 @@ def fork(cache: PagedCache, src: Array, dst: Array, page_size: int) -> PagedCach
         ring_slot=cache.ring_slot.at[:, dst].set(cache.ring_slot[:, src]),
         ring_dec=cache.ring_dec.at[:, dst].set(cache.ring_dec[:, src]),
         num_tokens=cache.num_tokens.at[dst].set(cache.num_tokens[src]),
+        policy_state=_state_rows(cache.policy_state, lambda x: x.at[:, dst].set(x[:, src])),
     )
 
 
@@ -386,7 +438,8 @@ def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
     return cache.replace(
         block_tables=fit(cache.block_tables, 1, SINK_PAGE), lengths=fit(cache.lengths, 1, 0),
         ring_slot=fit(cache.ring_slot, 1, 0), ring_dec=fit(cache.ring_dec, 1, False),
-        num_tokens=fit(cache.num_tokens, 0, 0))
+        num_tokens=fit(cache.num_tokens, 0, 0),
+        policy_state=_state_rows(cache.policy_state, lambda x: fit(x, 1, 0)))
 
 
 def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
@@ -445,7 +498,8 @@ def plan_decode(cache: PagedCache, spec: CacheSpec, active: Array, policy: Evict
     old_slot = jnp.take_along_axis(cache.ring_slot, idx, axis=-1)[..., 0]
     old_dec = jnp.take_along_axis(cache.ring_dec, idx, axis=-1)[..., 0] & (n >= r)
     ring_victim = jnp.where(old_dec, old_slot, -1)
-    victim = policy.victims(ring_victim, cache.lengths, policy_state)
+    victim = policy.victims(ring_victim, cache.lengths, cache.policy_state if policy_state is None else policy_state,
+                            cache.num_tokens)
     act = active[None, :, None]
     overwrite = (victim >= 0) & act
     target = jnp.where(overwrite, victim, cache.lengths)
@@ -470,17 +524,13 @@ def apply_decode_plan(cache: PagedCache, spec: CacheSpec, plan: DecodePlan, acti
     pidx = jnp.minimum(plan.page_index, spec.max_pages_per_head - 1)[..., None]
     old = jnp.take_along_axis(cache.block_tables, pidx, axis=-1)[..., 0]
 
-    def copy_shared(args):
-        k_pages, v_pages, refcount = args
-        src = jnp.where(plan.cow, old, SINK_PAGE).reshape(-1)
-        dst = jnp.where(plan.cow, ids, SINK_PAGE).reshape(-1)
-        k_pages = k_pages.at[dst].set(k_pages[src])
-        v_pages = v_pages.at[dst].set(v_pages[src])
-        refcount = refcount.at[src].add(-plan.cow.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
-        return k_pages, v_pages, refcount
-
-    k_pages, v_pages, refcount = jax.lax.cond(
-        jnp.any(plan.cow), copy_shared, lambda a: a, (cache.k_pages, cache.v_pages, refcount))
+    # Copy-on-write, unconditionally (heads without a shared target copy the sink onto itself, which stays in
+    # cache): a lax.cond carrying the pools made XLA copy both pools (hundreds of MB) at every step.
+    src = jnp.where(plan.cow, old, SINK_PAGE).reshape(-1)
+    dst = jnp.where(plan.cow, ids, SINK_PAGE).reshape(-1)
+    k_pages = cache.k_pages.at[dst].set(cache.k_pages[src])
+    v_pages = cache.v_pages.at[dst].set(cache.v_pages[src])
+    refcount = refcount.at[src].add(-plan.cow.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
     tables = jnp.where(
         (jnp.arange(spec.max_pages_per_head) == plan.page_index[..., None]) & plan.need[..., None],
         ids[..., None], cache.block_tables)
@@ -640,14 +690,51 @@ def plan_chunk(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Ar
                      ring_slot=ring_slot, ring_dec=ring_dec)
 
 
+def plan_chunk_explicit(lengths: Array, hole: Array, surv: Array, ring_slot: Array, ring_dec: Array,
+                        num_tokens: Array, n_valid: Array, page_size: int) -> ChunkPlan:
+    """A chunk plan from explicit choices (score-based policies): ``hole`` ``[B, H, W]`` marks the cached slots
+    (``< lengths``) to free, ``surv`` ``[B, H, C]`` the chunk tokens to keep. Survivors fill the holes first (in
+    slot order), then append, as in ``plan_chunk``; the caller guarantees ``sum(hole) <= sum(surv)`` per head (a
+    policy that keeps ``min(budget, cached + chunk)`` tokens with ``cached <= budget`` does), so live slots stay
+    ``0 .. length-1``. The ring gets the last chunk tokens with decision 0 (these policies never use it)."""
+    b, h, w = hole.shape
+    c_max = surv.shape[-1]
+    r = ring_slot.shape[-1]
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    n_holes = jnp.sum(hole, axis=-1, dtype=jnp.int32)
+    hrank = jnp.cumsum(hole.astype(jnp.int32), axis=-1) - 1
+    slots = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, h, w))
+    holes = jnp.zeros((b, h, w), jnp.int32).at[bi, hi, jnp.where(hole, hrank, w)].set(slots, mode="drop")
+    n_surv = jnp.sum(surv, axis=-1, dtype=jnp.int32)
+    srank = jnp.cumsum(surv.astype(jnp.int32), axis=-1) - 1
+    from_hole = jnp.take_along_axis(holes, jnp.clip(srank, 0, w - 1), axis=-1)
+    target = jnp.where(srank < n_holes[..., None], from_hole, lengths[..., None] + srank - n_holes[..., None])
+    new_lengths = lengths + n_surv - n_holes
+    have = pages_for(lengths, page_size)
+    want = pages_for(new_lengths, page_size)
+    j_max = -(-c_max // page_size) + 1
+    need = jnp.arange(j_max)[None, None, :] < (want - have)[..., None]
+    k = jnp.arange(c_max)
+    c = n_valid[:, None, None]
+    last = (k[None, None, :] < c) & (k[None, None, :] >= c - r)
+    ent = jnp.where(last, (num_tokens[:, None, None] + k[None, None, :]) % r, r)  # r -> dropped
+    ring_slot = ring_slot.at[bi, hi, ent].set(jnp.where(surv, target, 0), mode="drop")
+    ring_dec = ring_dec.at[bi, hi, ent].set(False, mode="drop")
+    return ChunkPlan(target=target, write=surv, new_lengths=new_lengths, have=have, need=need,
+                     ring_slot=ring_slot, ring_dec=ring_dec)
+
+
 def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array,
-                 num_tokens: Array, n_valid: Array, dec_chunk: Array, ok: Array, page_size: int):
+                 num_tokens: Array, n_valid: Array, dec_chunk: Array, ok: Array, page_size: int,
+                 plan: ChunkPlan | None = None):
     """Books one chunk into one layer of sequences ``[B]`` (rows of the layer's tables): allocates pages, updates
     tables, lengths and ring, and says where each chunk token's K/V goes (``write_kv`` does the write, so that a
     caller can write many layers at once).
 
     tables ``[B, H, M]``, lengths ``[B, H]``, ring ``[B, H, R]`` (decision for token n-1 filled in), num_tokens /
-    n_valid / ok ``[B]``, dec_chunk ``[B, H, C]`` (``chunk_owner_decisions``).
+    n_valid / ok ``[B]``, dec_chunk ``[B, H, C]`` (``chunk_owner_decisions``). ``plan``: a policy's own plan
+    (``plan_chunk_explicit``) instead of the ring's.
     Sequences not ``ok`` are left untouched. When the free pages do not cover the requests, the highest rows that
     ask for pages are dropped (``select_preemptions``) and reported in ``preempted`` ``[B]``: the caller releases
     them (their pages in other layers are not visible here).
@@ -657,7 +744,8 @@ def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Arra
     out than were free -- a bookkeeping bug; callers turn it into an error, never into silent corruption.
     """
     b, h, _ = dec_chunk.shape
-    plan = plan_chunk(lengths, ring_slot, ring_dec, num_tokens, n_valid, dec_chunk, page_size)
+    if plan is None:
+        plan = plan_chunk(lengths, ring_slot, ring_dec, num_tokens, n_valid, dec_chunk, page_size)
     need_seq = jnp.sum(plan.need & ok[:, None, None], axis=(1, 2), dtype=jnp.int32)
     n_free = free_pages(refcount)
     pre = select_preemptions(need_seq, jnp.zeros_like(need_seq), ok & (n_valid > 0), n_free)
@@ -692,6 +780,31 @@ def chunk_owner_decisions(dec_at: Array, n_valid: Array) -> Array:
 # ---------------------------------------------------------------------------------------------------------
 # Host-side checks (tests, debugging)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def compact_selected_pages(tables: Array, lengths: Array, page_mask: Array, page_size: int) -> tuple[Array, Array]:
+    """A block table holding only the live pages that ``page_mask`` ``[..., M]`` selects, in logical order, and its
+    length in slots: an attention over ``0 .. length-1`` of the compacted table reads exactly the selected tokens
+    (only the last live page can be partly filled, and it stays last). Unused entries point at the sink."""
+    m = tables.shape[-1]
+    j = jnp.arange(m)
+    n_pages = pages_for(lengths, page_size)[..., None]
+    sel = page_mask.astype(bool) & (j < n_pages)
+    order = jnp.argsort(jnp.where(sel, j, m + j), axis=-1)
+    n_sel = jnp.sum(sel, axis=-1, dtype=jnp.int32)
+    compact = jnp.where(j < n_sel[..., None], jnp.take_along_axis(tables, order, axis=-1), SINK_PAGE)
+    tokens = jnp.clip(lengths[..., None] - j * page_size, 0, page_size)
+    return compact, jnp.sum(jnp.where(sel, tokens, 0), axis=-1, dtype=jnp.int32)
+
+
+def compacted_slot(slot: Array, lengths: Array, page_mask: Array, page_size: int) -> Array:
+    """Where slot ``slot`` ``[...]`` lands in ``compact_selected_pages``' table: -1 if its page is not selected."""
+    m = page_mask.shape[-1]
+    sel = page_mask.astype(bool) & (jnp.arange(m) < pages_for(lengths, page_size)[..., None])
+    page = slot // page_size
+    before = jnp.sum(sel & (jnp.arange(m) < page[..., None]), axis=-1, dtype=jnp.int32)
+    hit = jnp.take_along_axis(sel, jnp.clip(page, 0, m - 1)[..., None], axis=-1)[..., 0] & (slot >= 0)
+    return jnp.where(hit, before * page_size + slot % page_size, -1)
 
 
 def check_invariants(cache: PagedCache, spec: CacheSpec) -> dict:

@@ -200,7 +200,7 @@ def _over_layers(body, carry, layer_params, xs):
 # ---------------------------------------------------------------------------------------------------------
 
 BLOCK_TOKENS = 512  # cached tokens per block of the prefill's blocked attention (its queries make blocks big)
-DECODE_BLOCK_BYTES = 1 << 22  # decode: ~4 MB of K+V gathered per block (few loop trips, still cache-resident)
+DECODE_BLOCK_BYTES = 1 << 19  # decode: ~0.5 MB of K+V gathered per block (see _decode_block_tokens)
 
 
 def _block_pages(page_size: int, tokens: int = BLOCK_TOKENS) -> int:
@@ -209,13 +209,14 @@ def _block_pages(page_size: int, tokens: int = BLOCK_TOKENS) -> int:
 
 def _decode_block_tokens(rows: int, head_dim: int, itemsize: int) -> int:
     """Cached tokens per block of the decode attention: ~DECODE_BLOCK_BYTES of K and V over the ``rows``
-    (sequence, KV head) pairs, a power of two in [512, 8192]. One sequence gets big blocks (a 512-token block of
-    one sequence is ~0.4 MB: the loop trips would dominate), a batch of chains small ones."""
+    (sequence, KV head) pairs, a power of two in [256, 8192]. Small blocks waste little past the longest head
+    (the last block is masked) and stay in cache; measured on SmolLM2 shapes (30 layers, 2-core CPU), 256-token
+    blocks beat 512 / 1024 / 2048 for 3 and 24 rows, at ~1K (2x faster) and ~8K live tokens per head alike."""
     t = DECODE_BLOCK_BYTES // max(rows * head_dim * itemsize * 2, 1)
-    return int(min(max(1 << (max(t, 1).bit_length() - 1), 512), 8192))
+    return int(min(max(1 << (max(t, 1).bit_length() - 1), 256), 8192))
 
 
-def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale, bp=None):
+def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale, bp=None, thread_pools=False):
     """Online softmax over blocks of pages, stopping after ``num_blocks`` (traced) blocks.
 
     q ``[B, H, G, Q, D]`` (Q queries per head); tables ``[B, H, M]`` (M a multiple of the block); visible(i) ->
@@ -223,9 +224,12 @@ def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scal
     ``[B, H, G, Q, D]`` in f32. Pages are gathered one block at a time, so no full copy of the head's K/V is ever
     materialised and blocks past the longest head are never touched.
 
-    Returns ((m, l, acc), k_pages, v_pages). The pools go through the loop carry unchanged: a caller that writes
-    into the pool afterwards must write into these, so XLA aliases the buffers in place instead of copying the
-    whole pool around the loop.
+    Returns ((m, l, acc), k_pages, v_pages). The pools go through the loop carry unchanged, except with
+    ``thread_pools``: then every trip writes one element of its block into the sink page (whose contents never
+    matter), so that the returned pools are a genuine loop value. A caller that reads the pools in a chain of
+    loops and writes them afterwards (the decode: 30 layers, then one scatter) must thread them through the loops
+    this way: a loop that merely passes them through lets XLA forward its input around it, after which the input
+    has several users and XLA copies the whole pool (hundreds of MB) to let the write happen in place.
     """
     b, h, g, nq, d = q.shape
     ps = k_pages.shape[1]
@@ -241,8 +245,11 @@ def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scal
         # gathering [page_size, D] slices of the 3-D pool (the view is free).
         k = k_pages.reshape(n_pages, ps * d)[idx].reshape(b, h, t, d)
         v = v_pages.reshape(n_pages, ps * d)[idx].reshape(b, h, t, d)
-        if nq == 1:  # decode: K as the left operand is ~2x faster for a handful of query rows
-            s = jnp.einsum("bhtd,bhgqd->bhgqt", k.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
+        if nq == 1:
+            # Decode (a handful of query rows): multiply-and-reduce, which XLA fuses with the page gathers, so the
+            # gathered K / V block is never written out; 1.3-1.4x faster than two einsums on CPU (SmolLM2 shapes).
+            s = jnp.sum(k[:, :, None].astype(jnp.float32) * q[:, :, :, 0, None].astype(jnp.float32), axis=-1)
+            s = s[:, :, :, None] * scale
         else:
             s = jnp.einsum("bhgqd,bhtd->bhgqt", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
         s = jnp.where(visible(i)[:, :, None], s, -jnp.inf)
@@ -251,7 +258,16 @@ def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scal
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + jnp.sum(p, axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("bhgqt,bhtd->bhgqd", p, v.astype(jnp.float32))
+        if nq == 1:
+            pv = jnp.sum(p[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
+        else:
+            pv = jnp.einsum("bhgqt,bhtd->bhgqd", p, v.astype(jnp.float32))
+        acc = alpha[..., None] * acc + pv
+        if thread_pools:  # one loop-dependent element into the sink page: a plain in-place dynamic-update-slice
+            at = (kvc.SINK_PAGE, 0, 0)
+            mark = m_new[:1, :1, :1, :1].reshape(1, 1, 1)
+            k_pages = jax.lax.dynamic_update_slice(k_pages, mark.astype(k_pages.dtype), at)
+            v_pages = jax.lax.dynamic_update_slice(v_pages, mark.astype(v_pages.dtype), at)
         return (m_new, l, acc), k_pages, v_pages
 
     return jax.lax.fori_loop(0, num_blocks, body, (carry, k_pages, v_pages))
@@ -264,12 +280,17 @@ def _pad_tables(tables, bp):
 
 
 def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale=None, block_tokens=None,
-                            return_pools=False):
+                            return_pools=False, new_kv=None, exclude_slot=None):
     """Paged decode attention, same contract as ``pallas_kernels.paged_decode_attention`` (q ``[B, Hkv, G, D]``,
     slots ``0..length-1`` of each head's pages are live, no causal mask), in plain XLA for the CPU: an online
     softmax over blocks of ``BLOCK_TOKENS`` cached tokens whose trip count is the longest head's, so the cost
     follows the live cache and no gathered copy of all K/V is made. A head of length 0 returns zeros.
-    block_tokens: cached tokens per block (default: ~4 MB of K+V per block, see ``_decode_block_tokens``)."""
+    block_tokens: cached tokens per block (default: ~0.5 MB of K+V, at least 256 tokens: ``_decode_block_tokens``).
+
+    new_kv: optional (k, v) ``[B, Hkv, D]`` of the incoming token, attended to as one more key that is not in the
+    pool yet, and exclude_slot ``[B, Hkv]``: a slot below ``length`` to skip (the one the incoming token will
+    take: stale or an evicted token). With both, the caller can write the token into the pool after the attention
+    (the decode does, for all layers at once), so the pool is only read here."""
     b, h, g, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ps = k_pages.shape[1]
@@ -278,16 +299,37 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     tables = _pad_tables(block_tables, bp)
     t = bp * ps
     num_blocks = (jnp.max(lengths) + t - 1) // t
-    carry = (jnp.full((b, h, g, 1), -jnp.inf, jnp.float32), jnp.zeros((b, h, g, 1), jnp.float32),
-             jnp.zeros((b, h, g, 1, d), jnp.float32))
+    if new_kv is None:
+        carry = (jnp.full((b, h, g, 1), -jnp.inf, jnp.float32), jnp.zeros((b, h, g, 1), jnp.float32),
+                 jnp.zeros((b, h, g, 1, d), jnp.float32))
+    else:  # the incoming token opens the online softmax (rounded to the pool's dtype, as if read from it)
+        k_new, v_new = (a.astype(k_pages.dtype).astype(jnp.float32) for a in new_kv)
+        s_new = jnp.einsum("bhgd,bhd->bhg", q.astype(jnp.float32), k_new)[..., None] * scale
+        carry = (s_new, jnp.ones((b, h, g, 1), jnp.float32),
+                 jnp.broadcast_to(v_new[:, :, None, None, :], (b, h, g, 1, d)))
 
     def visible(i):
-        return (i * t + jnp.arange(t))[None, None, None, :] < lengths[:, :, None, None]
+        slot = (i * t + jnp.arange(t))[None, None, None, :]
+        vis = slot < lengths[:, :, None, None]
+        return vis if exclude_slot is None else vis & (slot != exclude_slot[:, :, None, None])
 
     (_, l, acc), k_pages, v_pages = _online_blocks(q[:, :, :, None], k_pages, v_pages, tables, num_blocks,
-                                                   visible, carry, scale, bp)
+                                                   visible, carry, scale, bp, thread_pools=return_pools)
     out = (acc / jnp.where(l == 0.0, 1.0, l)[..., None])[:, :, :, 0].astype(q.dtype)
     return (out, k_pages, v_pages) if return_pools else out
+
+
+def _without_pools(cache: kvc.PagedCache) -> kvc.PagedCache:
+    """The cache's bookkeeping without its page pools (None in their place)."""
+    return cache.replace(k_pages=None, v_pages=None)
+
+
+def _cond_without_pools(pred, fn, cache: kvc.PagedCache) -> kvc.PagedCache:
+    """``lax.cond(pred, fn, identity, cache)`` for an ``fn`` that only touches the bookkeeping (release, ...): the
+    pools stay out of the cond, because on CPU a cond that carries them makes XLA copy both (hundreds of MB) at
+    every decode step."""
+    out = jax.lax.cond(pred, fn, lambda c: c, _without_pools(cache))
+    return out.replace(k_pages=cache.k_pages, v_pages=cache.v_pages)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,14 +393,15 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
     dms_on = policy.uses_model_decisions
     kk = jnp.arange(c)
     x = outer.embed_tokens(tokens)
+    pstate = None if cache.policy_state is None else jax.tree.map(lambda a: a[:, slots], cache.policy_state)
     xs = (layer_params, cache.block_tables[:, slots], cache.lengths[:, slots], cache.ring_slot[:, slots],
-          cache.ring_dec[:, slots])
+          cache.ring_dec[:, slots], pstate)
 
     k_pages, v_pages = cache.k_pages, cache.v_pages  # read-only inside the layer scan
 
     def body(carry, per_layer):
         x, refcount, failed, reads, bad = carry
-        params, tables, lengths, ring_slot, ring_dec = per_layer
+        params, tables, lengths, ring_slot, ring_dec, pst = per_layer
         layer = nnx.merge(layer_gd, params)
 
         # A sequence preempted at an earlier layer of this chunk gives its pages of this layer back right away,
@@ -384,21 +427,25 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
             marked = kvc.marked_positions(ring_slot, ring_dec1, n, tpad.shape[-1] * ps)
             out, _, _ = _prefill_attention(p.q, p.k, p.v, chunk_vis, k_pages, v_pages, tpad, lengths, marked,
                                            positions, w, bp)
+            # A policy may plan the chunk itself (TOVA / H2O keep their budget; see baselines.py).
+            plan, pst2 = policy.prefill_plan(
+                pst, q=p.q, k=p.k, chunk_vis=chunk_vis, k_pages=k_pages, block_tables=tables, lengths=lengths,
+                ring_slot=ring_slot, ring_dec=ring_dec1, num_tokens=n, n_valid=n_valid, page_size=ps)
             # Book the chunk: only tokens still alive at its end get a slot. The K/V writes of all layers happen
             # after the scan (layers never read each other's pages), so the pool is read-only in here and XLA
             # never copies it.
             (refcount2, *new), (page, off), pre, overflow = kvc.insert_chunk(
-                refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps)
+                refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps, plan=plan)
             refcount2, *new = kvc.drop_rows(refcount2, *new, pre, ps)  # preempted here: this layer's pages go now
             kv = (page, off, jnp.swapaxes(p.k, 1, 2), jnp.swapaxes(p.v, 1, 2))
-            return out, (refcount2, failed | pre, reads + layer_reads, overflow, tuple(new), kv)
+            return out, (refcount2, failed | pre, reads + layer_reads, overflow, tuple(new), kv, pst2)
 
-        x, (refcount, failed, reads, overflow, new, kv) = layer(x, positions, attention_fn, dms_on)
-        return (x, refcount, failed, reads, bad | overflow), (new, kv)
+        x, (refcount, failed, reads, overflow, new, kv, pst2) = layer(x, positions, attention_fn, dms_on)
+        return (x, refcount, failed, reads, bad | overflow), (new, kv, pst2)
 
     init = (x, cache.refcount, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((), bool))
-    (x, refcount, failed, reads, overflow), ((tables, lengths, ring_slot, ring_dec), (page, off, k_new, v_new)) = \
-        jax.lax.scan(body, init, xs)
+    (x, refcount, failed, reads, overflow), ((tables, lengths, ring_slot, ring_dec), (page, off, k_new, v_new),
+                                             pstate) = jax.lax.scan(body, init, xs)
     # Sequences preempted at a later layer have pages written by earlier layers: those writes are harmless (the
     # sequence is released below), but send them to the sink anyway.
     drop = failed[None, :, None, None]
@@ -412,10 +459,12 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
         ring_slot=cache.ring_slot.at[:, slots].set(ring_slot),
         ring_dec=cache.ring_dec.at[:, slots].set(ring_dec),
         num_tokens=cache.num_tokens.at[slots].add(jnp.where(failed, 0, n_valid)),
+        policy_state=None if pstate is None else jax.tree.map(lambda a, u: a.at[:, slots].set(u),
+                                                              cache.policy_state, pstate),
     )
     cache = kvc.note_high_water(cache)
     failed_s = jnp.zeros((spec.max_seqs,), bool).at[slots].set(failed)
-    cache = jax.lax.cond(jnp.any(failed), lambda cc: kvc.release(cc, failed_s, ps), lambda cc: cc, cache)
+    cache = _cond_without_pools(jnp.any(failed), lambda cc: kvc.release(cc, failed_s, ps), cache)
     if all_logits:
         logits = outer.unembed(x)
     else:
@@ -448,33 +497,78 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
     positions = n[:, None]
     x = outer.embed_tokens(tokens[:, None])
     dms_on = policy.uses_model_decisions
-    xs = (cache.block_tables[..., :width], cache.lengths, write_page, write_off, cache.ring_dec)
+    xs = (cache.block_tables[..., :width], cache.lengths, write_page, write_off, cache.ring_dec, plan.target,
+          cache.policy_state)
+    # Deferred writes (the CPU path of the stateless policies): each layer attends to its cached slots minus the
+    # one the new token takes, plus the new token itself (``paged_attention_blocked(new_kv=...)``), and the K/V of
+    # all layers go into the pool in one scatter after the layers. The pool is then only read inside the layer
+    # loop: written in between, XLA copied the whole pool around some layers' attention loops (4 copies of a
+    # 200 MB pool per step at 8K x 8 chains). Stateful policies (TOVA / H2O / Quest) observe the pool after the
+    # layers, once every token is written. The kernel backends read the new token from the pool: they write first.
+    deferred = backend == "xla_blocked"
 
     def body(carry, per_layer):
         x, k_pages, v_pages = carry
-        params, tables, lengths, page, off, ring_dec = per_layer
+        params, tables, lengths, page, off, ring_dec, target, pst = per_layer
         layer = nnx.merge(layer_gd, params)
+
+        def deferred_attention_fn(p):
+            dec = policy.decisions(p.decision_logits, positions, hkv)[..., 0]
+            ring_dec2 = kvc.set_previous_decision(ring_dec, n, dec, active, r)
+            q = p.q[:, 0].reshape(s, hkv, -1, p.q.shape[-1])
+            k_new, v_new = p.k[:, 0], p.v[:, 0]
+            page_mask = policy.page_mask(q, tables, lengths, pst, page_size=spec.page_size)
+            tab, lens, excl = tables, lengths, target
+            if page_mask is not None:  # Quest: the table compacted to the selected pages, the loop reads only those
+                tab, lens = kvc.compact_selected_pages(tables, lengths, page_mask, spec.page_size)
+                excl = kvc.compacted_slot(target, lengths, page_mask, spec.page_size)
+            out, kp, vp = paged_attention_blocked(q, k_pages, v_pages, tab, lens, block_tokens=block_tokens,
+                                                  new_kv=(k_new, v_new), exclude_slot=excl, return_pools=True)
+            # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
+            obs = None if pst is None else (q, k_new, page_mask)
+            return out.reshape(s, 1, -1, p.q.shape[-1]), (kp, vp, ring_dec2, obs, (page, off, k_new, v_new))
 
         def attention_fn(p):
             dec = policy.decisions(p.decision_logits, positions, hkv)[..., 0]
             ring_dec2 = kvc.set_previous_decision(ring_dec, n, dec, active, r)
             k_pages2, v_pages2 = kvc.write_kv(k_pages, v_pages, page, off, p.k[:, 0], p.v[:, 0])
             q = p.q[:, 0].reshape(s, hkv, -1, p.q.shape[-1])
-            page_mask = policy.page_mask(q, tables, lengths)
-            if backend == "xla_blocked" and page_mask is None:
-                out, k_pages2, v_pages2 = paged_attention_blocked(q, k_pages2, v_pages2, tables, lengths,
+            page_mask = policy.page_mask(q, tables, lengths, pst, page_size=spec.page_size)
+            if backend == "xla_blocked":
+                # A page mask (Quest) compacts the table to the selected pages: the blocked loop reads only those.
+                tab, lens = (tables, lengths) if page_mask is None else kvc.compact_selected_pages(
+                    tables, lengths, page_mask, spec.page_size)
+                out, k_pages2, v_pages2 = paged_attention_blocked(q, k_pages2, v_pages2, tab, lens,
                                                                   block_tokens=block_tokens, return_pools=True)
             else:
                 out = paged_decode_attention(q, k_pages2, v_pages2, tables, lengths, page_mask=page_mask,
                                              backend="xla" if backend == "xla_blocked" else backend,
                                              interpret=interpret)
-            return out.reshape(s, 1, -1, p.q.shape[-1]), (k_pages2, v_pages2, ring_dec2)
+            # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
+            obs = None if pst is None else (q, p.k[:, 0], page_mask)
+            return out.reshape(s, 1, -1, p.q.shape[-1]), (k_pages2, v_pages2, ring_dec2, obs)
 
-        x, (k_pages, v_pages, ring_dec) = layer(x, positions, attention_fn, dms_on)
-        return (x, k_pages, v_pages), ring_dec
+        if deferred:  # the pools are threaded through the layers' attention loops (see _online_blocks)
+            x, (k_pages, v_pages, ring_dec, obs, kv) = layer(x, positions, deferred_attention_fn, dms_on)
+            return (x, k_pages, v_pages), (ring_dec, obs, kv)
+        x, (k_pages, v_pages, ring_dec, obs) = layer(x, positions, attention_fn, dms_on)
+        return (x, k_pages, v_pages), (ring_dec, obs, None)
 
-    (x, k_pages, v_pages), ring_dec = _over_layers(body, (x, cache.k_pages, cache.v_pages), layer_params, xs)
-    cache = cache.replace(k_pages=k_pages, v_pages=v_pages, ring_dec=ring_dec)
+    (x, k_pages, v_pages), (ring_dec, obs, kv) = _over_layers(body, (x, cache.k_pages, cache.v_pages),
+                                                              layer_params, xs)
+    if deferred:  # every layer's new K/V in one scatter (inactive heads write to the sink)
+        k_pages, v_pages = kvc.write_kv(k_pages, v_pages, *kv)
+    pstate = cache.policy_state
+    if pstate is not None:
+        # The policy's bookkeeping (TOVA / H2O: a score pass over the pool; Quest: page bounds, reads), for all
+        # layers at once after the last write of the step: reading the pool between a layer's write and the next
+        # layer's (in place) write made XLA copy the whole pool at every layer.
+        q_all, k_new_all, mask_all = obs
+        pstate = jax.vmap(lambda st, q, k_new, tables, lengths, target, mask: policy.observe_decode(
+            st, q=q, k_new=k_new, k_pages=k_pages, block_tables=tables, lengths=lengths, target=target, positions=n,
+            active=active, page_mask=mask))(pstate, q_all, k_new_all, cache.block_tables[..., :width],
+                                            cache.lengths, plan.target, mask_all)
+    cache = cache.replace(k_pages=k_pages, v_pages=v_pages, ring_dec=ring_dec, policy_state=pstate)
     return outer.unembed(x[:, 0]), cache
 
 
@@ -487,7 +581,8 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
     total = jnp.sum(need_seq)
     n_free = kvc.free_pages(cache.refcount)
     short = total > n_free
-    freeable = jax.lax.cond(short, lambda c: kvc.exclusive_pages(c, ps), lambda c: jnp.zeros_like(need_seq), cache)
+    freeable = jax.lax.cond(short, lambda c: kvc.exclusive_pages(c, ps), lambda c: jnp.zeros_like(need_seq),
+                            _without_pools(cache))
     pre = kvc.select_preemptions(need_seq, freeable, active, n_free)
     vocab = outer.embed_tokens.num_embeddings
     if on_exhaustion == "error":
@@ -497,11 +592,16 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
             return _decode_forward(layer_gd, layer_params, outer, c, tokens, active, spec, policy, width, backend,
                                    interpret, block_tokens)
 
-        logits, cache = jax.lax.cond(error, lambda c: (jnp.zeros((tokens.shape[0], vocab), jnp.float32), c), run,
-                                     cache)
+        if cache.policy_state is None:  # a step that does not fit runs with no sequence active: a no-op (no cond)
+            logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~error, spec,
+                                            policy, width, backend, interpret, block_tokens)
+            logits = jnp.where(error, 0.0, logits)
+        else:
+            logits, cache = jax.lax.cond(error, lambda c: (jnp.zeros((tokens.shape[0], vocab), jnp.float32), c),
+                                         run, cache)
         pre = jnp.zeros_like(pre)
     else:
-        cache = jax.lax.cond(jnp.any(pre), lambda c: kvc.release(c, pre, ps), lambda c: c, cache)
+        cache = _cond_without_pools(jnp.any(pre), lambda c: kvc.release(c, pre, ps), cache)
         # After the preemptions the requests fit; if they did not (a bookkeeping bug) the host raises.
         error = jnp.sum(kvc.plan_decode(cache, spec, active & ~pre, policy).need) > kvc.free_pages(cache.refcount)
         logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~pre, spec, policy,
@@ -522,8 +622,8 @@ def _decode_step_jit(layer_gd, layer_params, outer_gd, outer_params, cache, toke
 class _GenState:
     out: Array  # [S, T] generated tokens
     n_out: Array  # [S]
-    last_logits: Array  # [S, V]
-    running: Array  # [S] bool
+    tok: Array  # [S] the last emitted token, fed by the next forward of the running sequences
+    running: Array  # [S] bool: emitted a token that a forward has not fed yet
     finished: Array  # [S] bool
     preempted: Array  # [S] bool
     stopped: Array  # [S] bool
@@ -543,16 +643,44 @@ def _seq_live_and_pages(cache, ps):
     return live, pages
 
 
+def _emit(cache, st: _GenState, logits, stop_ids, *, sampling, max_new_tokens, page_size):
+    """Samples the next token of every running sequence from ``logits`` [S, V] and emits it; a sequence that emits
+    a stop id or reaches ``max_new_tokens`` stops and returns its pages at once."""
+    s = st.running.shape[0]
+    rows = jnp.arange(s)
+    key, sub = jax.random.split(st.key)
+    tok = sample_next(logits, sub, sampling)
+    emit = st.running
+    col = jnp.minimum(st.n_out, max_new_tokens - 1)
+    out = st.out.at[rows, col].set(jnp.where(emit, tok, st.out[rows, col]))
+    n_out = st.n_out + emit.astype(jnp.int32)
+    is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    stop = emit & (is_stop | (n_out >= max_new_tokens))
+    cache = _cond_without_pools(jnp.any(stop), lambda c: kvc.release(c, stop, page_size), cache)
+    return cache, st.replace(out=out, n_out=n_out, key=key, tok=jnp.where(emit, tok, st.tok),
+                             running=st.running & ~stop, finished=st.finished | stop,
+                             stopped=st.stopped | (emit & is_stop))
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "max_new_tokens", "page_size"),
+                   donate_argnames=("cache", "state"))
+def _first_emit(cache, state: _GenState, logits, stop_ids, *, sampling, max_new_tokens, page_size):
+    return _emit(cache, state, logits, stop_ids, sampling=sampling, max_new_tokens=max_new_tokens,
+                 page_size=page_size)
+
+
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",
                                              "interpret", "on_exhaustion", "sampling", "max_steps",
                                              "max_new_tokens", "block_tokens"), donate_argnames=("cache", "state"))
 def _decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state: _GenState, stop_ids, *, spec,
                     policy, width, backend, interpret, on_exhaustion, sampling, max_steps, max_new_tokens,
                     block_tokens=None):
+    """Up to ``max_steps`` decode steps: each feeds the running sequences' last emitted token through one forward,
+    then emits the next (``_emit``; the first token comes from the prefill's logits, ``_first_emit``). The loop
+    runs only while a sequence is running, so every trip does a forward and no cond is needed around it -- a cond
+    carrying the page pools makes XLA copy them at every step."""
     outer = nnx.merge(outer_gd, outer_params)
     ps = spec.page_size
-    s = state.running.shape[0]
-    rows = jnp.arange(s)
 
     def cond(carry):
         cache, st = carry
@@ -560,45 +688,23 @@ def _decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state
 
     def body(carry):
         cache, st = carry
-        key, sub = jax.random.split(st.key)
-        tok = sample_next(st.last_logits, sub, sampling)
-        emit = st.running
-        col = jnp.minimum(st.n_out, max_new_tokens - 1)
-        out = st.out.at[rows, col].set(jnp.where(emit, tok, st.out[rows, col]))
-        n_out = st.n_out + emit.astype(jnp.int32)
-        is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        stop = emit & (is_stop | (n_out >= max_new_tokens))
-        running = st.running & ~stop
-        # A finished sequence returns its pages at once.
-        cache = jax.lax.cond(jnp.any(stop), lambda c: kvc.release(c, stop, ps), lambda c: c, cache)
-
-        def forward(c):
-            return _decode_step(layer_gd, layer_params, outer, c, tok, running, spec=spec, policy=policy,
-                                width=width, backend=backend, interpret=interpret, on_exhaustion=on_exhaustion,
-                                block_tokens=block_tokens)
-
-        def skip(c):
-            z = jnp.zeros((), jnp.int32)
-            return (st.last_logits, c, _StepInfo(preempted=jnp.zeros((s,), bool), error=jnp.zeros((), bool),
-                                                 need=z, free=z))
-
-        did_forward = jnp.any(running)
-        logits, cache, info = jax.lax.cond(did_forward, forward, skip, cache)
-        running = running & ~info.preempted & ~info.error
+        logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, st.tok, st.running, spec=spec,
+                                           policy=policy, width=width, backend=backend, interpret=interpret,
+                                           on_exhaustion=on_exhaustion, block_tokens=block_tokens)
+        running = st.running & ~info.preempted & ~info.error
         live, pages = _seq_live_and_pages(cache, ps)
+        step_reads = live if cache.policy_state is None else policy.decode_reads(cache)  # Quest reads fewer
         st = st.replace(
-            out=out, n_out=n_out, key=key,
-            last_logits=jnp.where(running[:, None], logits, st.last_logits),
-            running=running, finished=st.finished | stop, preempted=st.preempted | info.preempted,
-            stopped=st.stopped | (emit & is_stop),
-            reads=st.reads + jnp.where(running, live, 0),
-            steps=st.steps + (did_forward & ~info.error).astype(jnp.int32),
+            running=running, preempted=st.preempted | info.preempted,
+            reads=st.reads + jnp.where(running, step_reads, 0),
+            steps=st.steps + (~info.error).astype(jnp.int32),
             peak_live=jnp.maximum(st.peak_live, jnp.where(running, live, 0)),
             peak_pages=jnp.maximum(st.peak_pages, jnp.where(running, pages, 0)),
             error=info.error, err_need=jnp.where(info.error, info.need, st.err_need),
             err_free=jnp.where(info.error, info.free, st.err_free),
         )
-        return cache, st
+        # After an error no sequence runs, so nothing is emitted (the host raises).
+        return _emit(cache, st, logits, stop_ids, sampling=sampling, max_new_tokens=max_new_tokens, page_size=ps)
 
     return jax.lax.while_loop(cond, body, (cache, state))
 
@@ -613,9 +719,9 @@ def _release_jit(cache, seqs, *, page_size):
     return kvc.release(cache, seqs, page_size)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _init_jit(spec):
-    return kvc.init_cache(spec)
+@functools.partial(jax.jit, static_argnames=("spec", "policy"))
+def _init_jit(spec, policy=None):
+    return kvc.init_cache(spec, policy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -631,8 +737,9 @@ def _check_int(name, v, lo=1):
 class Engine:
     """Serves a model over the paged cache with an eviction policy.
 
-    policy: "vanilla" | "dms" | "fixed" or an ``EvictionPolicy`` ("dms" takes window and alpha_per from the
-    model's DMSConfig; extra keyword arguments go to ``cache.make_policy``, e.g. ``cr=8, window=64`` for "fixed").
+    policy: "vanilla" | "dms" | "fixed" | "tova" | "h2o" | "streaming" | "quest" or an ``EvictionPolicy`` ("dms"
+    takes window and alpha_per from the model's DMSConfig; extra keyword arguments go to ``cache.make_policy``, e.g.
+    ``cr=8, window=64`` for "fixed", ``budget=256`` (tokens per KV head) for the baselines of baselines.py).
     budget_pages: the page pool (memory budget) per call; None = enough for every request to keep every token.
     page_size: tokens per page (16: small enough that the half-empty last page of each of the L x Hkv heads wastes
     little, large enough for few table entries; the Triton kernel needs a power of two, Mosaic a multiple of 8).
@@ -640,7 +747,7 @@ class Engine:
     "pallas_tpu" | "pallas_gpu"; interpret: Pallas interpret mode (None: when the hardware is absent).
     on_exhaustion: "preempt" | "error". segment_steps: decode steps per compiled loop call. cache_dtype: K/V
     storage (default: the model's compute dtype). attention_block_tokens: cached tokens per block of the blocked
-    XLA attention (default: 512 in prefill, ~4 MB of K+V per block in decode).
+    XLA attention (default: 512 in prefill, ~0.5 MB of K+V (at least 256 tokens) per block in decode).
 
     The model's weights are captured at construction (layers stacked for the scan, plus a transposed copy of a tied
     embedding); build a new Engine after changing them.
@@ -688,7 +795,7 @@ class Engine:
             num_pages=budget_pages if budget_pages is not None else self.budget_pages, dtype=self.cache_dtype)
 
     def new_cache(self, spec: kvc.CacheSpec) -> kvc.PagedCache:
-        return _init_jit(spec)
+        return _init_jit(spec, self.policy)
 
     def _check_tokens(self, seqs):
         vocab = self.cfg.vocab_size
@@ -823,7 +930,7 @@ class Engine:
         run_a = jnp.asarray(running)
         st = _GenState(
             out=jnp.zeros((s, max_new_tokens), jnp.int32), n_out=jnp.zeros((s,), jnp.int32),
-            last_logits=jnp.asarray(last_logits, jnp.float32), running=run_a,
+            tok=jnp.zeros((s,), jnp.int32), running=run_a,
             finished=jnp.zeros((s,), bool), preempted=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
             key=jax.random.key(seed), reads=jnp.zeros((s,), jnp.int32), steps=jnp.zeros((), jnp.int32),
             peak_live=jnp.where(run_a, live0, 0), peak_pages=jnp.where(run_a, pages0, 0),
@@ -836,6 +943,9 @@ class Engine:
         per_step = spec.num_layers * spec.num_kv_heads * spec.max_tokens_per_head * s
         seg = max(1, min(self.segment_steps, (2 ** 31 - 1) // max(per_step, 1)))
         t_start = time.perf_counter()
+        # The first token of every running slot comes from the prefill's logits; each forward then emits the next.
+        cache, st = _first_emit(cache, st, jnp.asarray(last_logits, jnp.float32), stop_arr, sampling=sampling,
+                                max_new_tokens=max_new_tokens, page_size=spec.page_size)
         while bool(jnp.any(st.running)):
             width = self.decode_width(cache, spec, seg)
             t0 = time.perf_counter()
@@ -862,12 +972,13 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None, seed: int = 0,
-                 chains: int = 1) -> GenerationResult:
+                 chains: int = 1, context: int | None = None) -> GenerationResult:
         """Generates ``chains`` continuations of each prompt (prompts of any lengths, one batch).
 
         stop_ids: a sequence ends after emitting one (included in its tokens); default the model's EOS ids.
         The chains of a prompt share its prefill (copy-on-write pages) and sample independently. The pool (budget)
-        is created for the call; every page is back in it at the end.
+        is created for the call; every page is back in it at the end. context: tokens per head the cache is sized
+        for (default and minimum: the longest prompt + max_new_tokens).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -885,7 +996,8 @@ class Engine:
                              f"context of {context} tokens")
         n_p, w = len(prompts), int(chains)
         s = n_p * w
-        spec = self.make_spec(s, longest + max_new_tokens)
+        # context: cache capacity per head (a fixed value lets prompts of different lengths share one compilation).
+        spec = self.make_spec(s, max(int(context or 0), longest + max_new_tokens))
         cache = self.new_cache(spec)
 
         t0 = time.perf_counter()

