@@ -168,3 +168,13 @@ def chat_prompts(tokenizer):
 def write_config(directory, config: dict):
     with open(directory / "config.json", "w") as f:
         json.dump(config, f)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_executables():
+    """Drop JAX's compiled executables after each test module: one process runs the whole suite, and the
+    accumulated XLA state of ~400 tests (many shapes, Pallas interpret kernels) crashed the compiler late in a run."""
+    yield
+    import jax
+
+    jax.clear_caches()
