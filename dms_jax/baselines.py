@@ -45,8 +45,9 @@ Prefill (how a prompt longer than the budget is brought within it):
 * StreamingLLM prefills with the exact sink + window attention pattern (the DMS ring evicts as it goes).
 * Quest prefills densely (as in the paper) and records the page bounds.
 
-The extra score passes (TOVA, H2O) recompute ``q . k`` over the head's ``budget`` slots: a fused kernel would emit
-those probabilities from the attention itself, so the engine's read metrics do not count them.
+The extra score passes (TOVA, H2O) recompute ``q . k`` over the head's ``budget`` slots (after the step's forward,
+for all layers at once): a fused kernel would emit those probabilities from the attention itself, so the engine's
+read metrics do not count them.
 """
 
 from __future__ import annotations
@@ -323,8 +324,12 @@ def quest_select(bounds: Array, lengths: Array, page_size: int, top_pages: int) 
     n_pages = kvc.pages_for(lengths, page_size)[..., None]
     j = jnp.arange(m)
     cand = j < n_pages - 1
-    rank = _rank_desc(jnp.where(cand, bounds, -jnp.inf))
-    return (cand & (rank < top_pages)) | (j == n_pages - 1)
+    k = min(int(top_pages), m)
+    top = jnp.zeros(bounds.shape, bool)
+    if k:  # top_k, not a full sort: this runs every layer and step
+        _, idx = jax.lax.top_k(jnp.where(cand, bounds, -jnp.inf), k)
+        top = jnp.any(idx[..., :, None] == j, axis=-2)
+    return (cand & top) | (j == n_pages - 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,9 +182,10 @@ class EvictionPolicy:
       in ``state`` (``cache.policy_state``); StreamingLLM is a decision policy (decision = position >= sinks).
     * ``page_mask(q, block_tables, lengths, state, page_size)``: optional ``[S, Hkv, M]`` pages the decode
       attention reads (Quest: top pages by key bounds); None reads every live page.
-    * ``observe_decode(state, ...)`` (per layer, after the attention, with the pool holding the new token):
-      returns the layer's updated state (TOVA / H2O: the current query's attention probabilities per slot, from
-      an extra score pass; Quest: the per-page key bounds and the step's reads). Default: unchanged.
+    * ``observe_decode(state, ...)`` (per layer -- vmapped over the layers after the step's forward, with the pool
+      holding the step's tokens): returns the layer's updated state (TOVA / H2O: the current query's attention
+      probabilities per slot, from an extra score pass; Quest: the per-page key bounds and the step's reads).
+      Default: unchanged.
     * ``prefill_plan(state, ...)`` (per layer and chunk): optionally its own ``ChunkPlan`` -- which cached slots
       to free and which chunk tokens to keep (TOVA / H2O keep the cache within their budget during prefill) --
       and the layer's updated state. Default: (None, state): the ring's plan (``plan_chunk``).
@@ -783,16 +784,17 @@ def chunk_owner_decisions(dec_at: Array, n_valid: Array) -> Array:
 
 
 def compact_selected_pages(tables: Array, lengths: Array, page_mask: Array, page_size: int) -> tuple[Array, Array]:
-    """A block table holding only the live pages that ``page_mask`` ``[..., M]`` selects, in logical order, and its
+    """A block table ``[B, H, M]`` holding only the live pages that ``page_mask`` ``[B, H, M]`` selects, in logical order, and its
     length in slots: an attention over ``0 .. length-1`` of the compacted table reads exactly the selected tokens
     (only the last live page can be partly filled, and it stays last). Unused entries point at the sink."""
-    m = tables.shape[-1]
+    b, h, m = tables.shape
     j = jnp.arange(m)
     n_pages = pages_for(lengths, page_size)[..., None]
     sel = page_mask.astype(bool) & (j < n_pages)
-    order = jnp.argsort(jnp.where(sel, j, m + j), axis=-1)
-    n_sel = jnp.sum(sel, axis=-1, dtype=jnp.int32)
-    compact = jnp.where(j < n_sel[..., None], jnp.take_along_axis(tables, order, axis=-1), SINK_PAGE)
+    rank = jnp.cumsum(sel.astype(jnp.int32), axis=-1) - 1  # a scatter, not a sort: this runs every layer and step
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    compact = jnp.full_like(tables, SINK_PAGE).at[bi, hi, jnp.where(sel, rank, m)].set(tables, mode="drop")
     tokens = jnp.clip(lengths[..., None] - j * page_size, 0, page_size)
     return compact, jnp.sum(jnp.where(sel, tokens, 0), axis=-1, dtype=jnp.int32)
 

@@ -14,19 +14,24 @@ How a call runs (`Engine.generate`):
 2. **Fork**: chain ``i`` of a prompt shares the prompt's pages copy-on-write (no copy now; a page is copied the
    first time a chain writes into it, which for DMS means the slot of an evicted token or the partly filled last
    page). The prompt is prefilled once.
-3. **Decode**, in segments of ``segment_steps`` steps, each a jitted ``lax.while_loop``: sample (generate.py's
-   ``sample_next``), stop on a stop id or the length limit (a finished sequence returns its pages at once), then
-   one forward for the sequences still running: plan every head's write (overwrite the slot of the marked token
-   leaving the window, else append; copy-on-write), allocate, scan over the layers (write K/V, record the
-   decision for the previous token in the ring, paged decode attention).
+3. **Decode**: the first token of every chain is sampled from the prefill's logits (generate.py's ``sample_next``);
+   then segments of ``segment_steps`` steps, each a jitted ``lax.while_loop`` that runs while a sequence is
+   running. A step is one forward of the last emitted tokens -- plan every head's write (overwrite the slot of
+   the marked token leaving the window, else append; copy-on-write), allocate, go through the layers (record the
+   decision for the previous token in the ring, paged decode attention over the cached slots plus the new token),
+   then write every layer's new K/V into the pool at once -- followed by sampling the next tokens; a sequence
+   that emits a stop id or reaches the length limit returns its pages at once.
 
 Attention backends: "auto" = "xla_blocked" on CPU (`paged_attention_blocked`: an online softmax over blocks of
 cached pages whose trip count is the longest live head, so the cost follows the live cache; prefill uses the same
 blocked loop for its cached keys) and the platform's Pallas kernel on TPU / GPU; "xla", "pallas_tpu" and
 "pallas_gpu" go through ``pallas_kernels.paged_decode_attention``, compiled for a static block-table width
 bucketed from the fullest head. All layers are one ``lax.scan`` over stacked layer weights, so compile time does
-not grow with depth. Inside the scans the page pool is only read or written in place (prefill collects the
-chunk's K/V of every layer and writes them after its scan), never copied.
+not grow with depth (the decode unrolls its layers instead: see ``_over_layers``). Inside a step the page pool is
+only read, then written in place once (prefill and decode both collect the K/V of every layer and write them
+after the layers), and no ``lax.cond`` carries it: on CPU, XLA copies a 200 MB pool whenever a cond or a loop
+leaves it with two live users (before: 4 whole-pool copies, 1.6 GB of memory traffic, per step at 8K x 8 chains);
+see ``_cond_without_pools`` and ``_online_blocks(thread_pools=...)``.
 
 Pool exhaustion is never silent. ``on_exhaustion="preempt"`` (default): when a step's page requests do not fit,
 the most recently admitted running sequences (highest slot first) are preempted -- their pages are freed, their
@@ -225,7 +230,7 @@ def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scal
     materialised and blocks past the longest head are never touched.
 
     Returns ((m, l, acc), k_pages, v_pages). The pools go through the loop carry unchanged, except with
-    ``thread_pools``: then every trip writes one element of its block into the sink page (whose contents never
+    ``thread_pools``: then every trip writes one element of its result into the sink page (whose contents never
     matter), so that the returned pools are a genuine loop value. A caller that reads the pools in a chain of
     loops and writes them afterwards (the decode: 30 layers, then one scatter) must thread them through the loops
     this way: a loop that merely passes them through lets XLA forward its input around it, after which the input
@@ -263,9 +268,12 @@ def _online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scal
         else:
             pv = jnp.einsum("bhgqt,bhtd->bhgqd", p, v.astype(jnp.float32))
         acc = alpha[..., None] * acc + pv
-        if thread_pools:  # one loop-dependent element into the sink page: a plain in-place dynamic-update-slice
+        if thread_pools:
+            # One element of the result into the sink page, with a plain in-place dynamic-update-slice. It must
+            # depend on everything this trip reads from both pools (acc does), or XLA cannot order the write
+            # after the reads and copies the pool instead.
             at = (kvc.SINK_PAGE, 0, 0)
-            mark = m_new[:1, :1, :1, :1].reshape(1, 1, 1)
+            mark = acc[:1, :1, :1, :1, :1].reshape(1, 1, 1)
             k_pages = jax.lax.dynamic_update_slice(k_pages, mark.astype(k_pages.dtype), at)
             v_pages = jax.lax.dynamic_update_slice(v_pages, mark.astype(v_pages.dtype), at)
         return (m_new, l, acc), k_pages, v_pages
@@ -280,7 +288,7 @@ def _pad_tables(tables, bp):
 
 
 def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale=None, block_tokens=None,
-                            return_pools=False, new_kv=None, exclude_slot=None):
+                            return_pools=False, new_kv=None, exclude_slot=None, thread_pools=False):
     """Paged decode attention, same contract as ``pallas_kernels.paged_decode_attention`` (q ``[B, Hkv, G, D]``,
     slots ``0..length-1`` of each head's pages are live, no causal mask), in plain XLA for the CPU: an online
     softmax over blocks of ``BLOCK_TOKENS`` cached tokens whose trip count is the longest head's, so the cost
@@ -290,7 +298,8 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     new_kv: optional (k, v) ``[B, Hkv, D]`` of the incoming token, attended to as one more key that is not in the
     pool yet, and exclude_slot ``[B, Hkv]``: a slot below ``length`` to skip (the one the incoming token will
     take: stale or an evicted token). With both, the caller can write the token into the pool after the attention
-    (the decode does, for all layers at once), so the pool is only read here."""
+    (the decode does, for all layers at once), so the pool is only read here. thread_pools (with return_pools):
+    see ``_online_blocks``; only for a caller whose pools nothing else reads before it writes them."""
     b, h, g, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ps = k_pages.shape[1]
@@ -314,7 +323,7 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
         return vis if exclude_slot is None else vis & (slot != exclude_slot[:, :, None, None])
 
     (_, l, acc), k_pages, v_pages = _online_blocks(q[:, :, :, None], k_pages, v_pages, tables, num_blocks,
-                                                   visible, carry, scale, bp, thread_pools=return_pools)
+                                                   visible, carry, scale, bp, thread_pools=thread_pools)
     out = (acc / jnp.where(l == 0.0, 1.0, l)[..., None])[:, :, :, 0].astype(q.dtype)
     return (out, k_pages, v_pages) if return_pools else out
 
@@ -523,7 +532,8 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
                 tab, lens = kvc.compact_selected_pages(tables, lengths, page_mask, spec.page_size)
                 excl = kvc.compacted_slot(target, lengths, page_mask, spec.page_size)
             out, kp, vp = paged_attention_blocked(q, k_pages, v_pages, tab, lens, block_tokens=block_tokens,
-                                                  new_kv=(k_new, v_new), exclude_slot=excl, return_pools=True)
+                                                  new_kv=(k_new, v_new), exclude_slot=excl, return_pools=True,
+                                                  thread_pools=True)
             # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
             obs = None if pst is None else (q, k_new, page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (kp, vp, ring_dec2, obs, (page, off, k_new, v_new))
@@ -683,7 +693,7 @@ def _decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state
     ps = spec.page_size
 
     def cond(carry):
-        cache, st = carry
+        _, st = carry
         return (st.steps < max_steps) & jnp.any(st.running) & ~st.error
 
     def body(carry):

@@ -33,9 +33,10 @@ CHUNK = 8
 TOL = 1e-4
 
 
-def _tiny_dms_model(alpha_per="head", seed=0):
+def _tiny_dms_model(alpha_per="head", seed=0, head_dim=8):
     cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=(2,))
+                      num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=256,
+                      eos_token_ids=(2,))
     model = create_model(cfg, DMSConfig(window=WINDOW, alpha_per=alpha_per), seed=seed)
     rng = np.random.default_rng(seed)
     g, d = cfg.group_size, cfg.head_dim
@@ -506,7 +507,7 @@ def test_default_model_paged_equals_hard_forward(chat_prompts):
 
     w = 16
     model = weights.load_model(weights.resolve_model_path(None), dms=DMSConfig(variant="adapter", window=w))
-    _calibrate_adapter(model, jnp.asarray([sum(chat_prompts, [])]))
+    _calibrate_adapter(model, jnp.asarray([[t for p in chat_prompts for t in p]]))
     owner = [0, 1, 1, 2]
     conts = [chat_prompts[2][-6:], chat_prompts[0][-9:], chat_prompts[2][5:12], chat_prompts[1][-4:]]
     frac = _paged_equals_hard(model, chat_prompts, owner, conts, window=w, page=8, chunk=16, min_evicted=0.5)
