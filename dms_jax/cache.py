@@ -32,6 +32,18 @@ benchmarks). The baselines (TOVA, H2O, StreamingLLM, Quest; ``dms_jax/baselines.
 object (see its docstring); TOVA and H2O choose their victim slots from attention scores kept in
 ``PagedCache.policy_state`` and overwrite them exactly like DMS does, so their memory is really freed.
 
+DMC (Dynamic Memory Compression, dmc.py; policy "dmc") uses the same pool, tables and lengths but never evicts: per
+(sequence, layer, KV head) a token either *appends* a slot (a fresh page when the length is a multiple of the page
+size) or *merges* into the head's last slot (the slot is overwritten by the importance-weighted mean of its newest
+``W`` tokens, the key rotated at the newest token's position). The hard decision (merge logit > 0) is the token's
+own -- no shift, no ring; the first token of a sequence always appends -- so after token ``t`` a head holds one slot
+per appended token. What a merge needs from the past -- the raw pre-RoPE keys, values and importance of the last
+``W`` tokens and how many of them the last slot averages -- is ``O(W)`` per head, so it lives densely next to the
+pool in ``PagedCache.policy_state`` (``DMCPolicy.init_state``; forks copy it, releases clear it). A merge writes into
+the last slot, which after a fork may sit in a shared page: it is copied first, like any write into a shared page.
+Helpers: ``dmc_chunk_states`` / ``dmc_plan_chunk`` / ``dmc_window_after_chunk`` (prefill), ``dmc_decode_slots``
+(decode).
+
 All functions here are pure and jit-compatible; the engine (engine.py) composes them.
 """
 
@@ -46,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dms_jax import dms
+from dms_jax import dmc, dms
 
 Array = jax.Array
 
@@ -192,11 +204,15 @@ class EvictionPolicy:
     * ``decode_reads(cache)``: ``[S]`` KV token reads of the last decode step (default: the live tokens).
 
     ``uses_model_decisions`` says whether the model computes DMS logits (and zeroes its borrowed query neuron):
-    only the "dms" policy does; the others run the model unchanged. ``init_state(spec)`` builds the policy's
+    only the "dms" and "dmc" policies do; the others run the model unchanged. ``merges`` (DMC only) switches the
+    engine to its merge paths: ``decisions`` are then each token's own merge decisions and the state is the
+    accumulation window (``DMCPolicy``). ``init_state(spec)`` builds the policy's
     state (None for the stateless policies; then every hook above is free).
     """
 
     name: ClassVar[str] = "base"
+    # True only for DMC: tokens merge into slots instead of being evicted (the engine runs its DMC paths).
+    merges: ClassVar[bool] = False
     window: int = 1
 
     def __post_init__(self):
@@ -304,17 +320,57 @@ class FixedRatePolicy(EvictionPolicy):
         return {"policy": self.name, "window": int(self.window), "cr": int(self.cr)}
 
 
-POLICIES = ("vanilla", "dms", "fixed", "tova", "h2o", "streaming", "quest")
+@dataclasses.dataclass(frozen=True)
+class DMCPolicy(EvictionPolicy):
+    """DMC: nothing is evicted; each token appends a slot or merges into its head's last slot (module docstring).
+
+    ``window`` is the model's accumulation window W (``DMCConfig.accumulation_window``), the size of the per-head
+    window state (``init_state``); the DMS ring is unused. ``decisions`` returns the hard merge decision of each
+    token itself (logit > 0, never for position 0). ``victims`` says "append" for every head: the page check made
+    before a decode step's forward, which is what decides the merges, reserves that worst case (a merge never needs
+    more pages than an append; see ``dmc_decode_slots``).
+    """
+
+    name: ClassVar[str] = "dmc"
+    merges: ClassVar[bool] = True
+
+    @property
+    def uses_model_decisions(self) -> bool:
+        return True
+
+    def decisions(self, logits, positions, num_kv_heads):
+        if logits is None:
+            raise ValueError("the dmc policy needs the model's merge logits")
+        # The first token of a sequence has no slot to merge into.
+        return (dms.hard_decisions(logits) > 0.5) & (positions > 0)[:, None, :]
+
+    def victims(self, ring_victim, lengths, state=None, num_tokens=None):
+        return jnp.full_like(lengths, -1)
+
+    def init_state(self, spec: "CacheSpec") -> Any:
+        L, S, H, W, D = spec.num_layers, spec.max_seqs, spec.num_kv_heads, self.window, spec.head_dim
+        return {"win_k": jnp.zeros((L, S, H, W, D), spec.dtype), "win_v": jnp.zeros((L, S, H, W, D), spec.dtype),
+                "win_w": jnp.zeros((L, S, H, W), jnp.float32), "seg_len": jnp.zeros((L, S, H), jnp.int32)}
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "accumulation_window": int(self.window)}
 
 
-def make_policy(name: str | EvictionPolicy, dms_cfg=None, **kw) -> EvictionPolicy:
+POLICIES = ("vanilla", "dms", "fixed", "tova", "h2o", "streaming", "quest", "dmc")
+
+
+def make_policy(name: str | EvictionPolicy, dms_cfg=None, *, dmc_cfg=None, **kw) -> EvictionPolicy:
     """A policy by name: "vanilla", "dms" (window / alpha_per from the model's DMSConfig unless given), "fixed",
-    or a baseline of ``dms_jax.baselines`` ("tova", "h2o", "streaming", "quest"; keyword ``budget`` = tokens per
-    KV head)."""
+    "dmc" (window = the accumulation window of ``dmc_cfg``, the model's DMCConfig, unless given), or a baseline of
+    ``dms_jax.baselines`` ("tova", "h2o", "streaming", "quest"; keyword ``budget`` = tokens per KV head)."""
     if isinstance(name, EvictionPolicy):
         return name
     if name == "vanilla":
         return VanillaPolicy()
+    if name == "dmc":
+        if dmc_cfg is None and "window" not in kw:
+            raise ValueError("policy 'dmc' needs a model with a DMCConfig (or an explicit window)")
+        return DMCPolicy(window=kw.pop("window", None) or dmc_cfg.accumulation_window, **kw)
     if name == "dms":
         if dms_cfg is None and "window" not in kw:
             raise ValueError("policy 'dms' needs a model with a DMSConfig (or an explicit window)")
@@ -776,6 +832,128 @@ def chunk_owner_decisions(dec_at: Array, n_valid: Array) -> Array:
     c_max = dec_at.shape[-1]
     owner = dms.shift_to_owner(dec_at, False)
     return owner & (jnp.arange(c_max)[None, None, :] + 1 < n_valid[:, None, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DMC: merge into the last slot (policy "dmc")
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _window_in_order(state: dict, num_tokens: Array):
+    """The accumulation window of one layer as a time-ordered prefix (oldest first): keys / values ``[B, W, H, D]``
+    (float32), importance and alpha ``[B, H, W]``. Token ``p`` sits at ring index ``p % W``; alpha is 1 for the
+    entries of the last slot's segment after its first one (``seg_len`` newest entries), 0 elsewhere -- so a chunk
+    token that merges continues exactly that segment, and entries that never existed weigh nothing."""
+    b, h, w, _ = state["win_k"].shape
+    idx = (num_tokens[:, None] - w + jnp.arange(w)[None, :]) % w  # [B, W]
+    idx3 = jnp.broadcast_to(idx[:, None, :], (b, h, w))
+    k = jnp.take_along_axis(state["win_k"], idx3[..., None], axis=2).astype(jnp.float32)
+    v = jnp.take_along_axis(state["win_v"], idx3[..., None], axis=2).astype(jnp.float32)
+    imp = jnp.take_along_axis(state["win_w"], idx3, axis=2)
+    age = w - 1 - jnp.arange(w)  # 0 = the newest entry (token n - 1)
+    alpha = (age[None, None, :] < state["seg_len"][..., None] - 1).astype(jnp.float32)
+    return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), imp, alpha
+
+
+def dmc_chunk_states(state: dict, num_tokens: Array, k: Array, v: Array, importance: Array, merge: Array,
+                     dtype) -> tuple[Array, Array]:
+    """Every intermediate merged state of a chunk's tokens, float32 ``[B, C, H, D]`` (keys before RoPE), as the
+    training-side ``dmc.accumulate`` computes them: a chunk token's segment may have begun in an earlier chunk, so
+    the window of the last W tokens (``state``, one layer's rows) goes in front of the chunk.
+
+    k, v ``[B, C, H, D]`` (keys before RoPE, element d-1 zeroed), importance ``[B, H, C]``, merge ``[B, H, C]`` bool
+    (hard decisions, False at segment starts and padding), num_tokens ``[B]`` before the chunk. The chunk's k / v
+    are rounded to the cache dtype ``dtype`` first, as decode reads them back from the window."""
+    w = state["win_k"].shape[2]
+    pk, pv, pw, palpha = _window_in_order(state, num_tokens)
+    alpha = jnp.concatenate([palpha, merge.astype(jnp.float32)], axis=-1)
+    imp = jnp.concatenate([pw, importance.astype(jnp.float32)], axis=-1)
+
+    def acc(prefix, x):
+        x = jnp.concatenate([prefix, x.astype(dtype).astype(jnp.float32)], axis=1)
+        return dmc.accumulate(x, alpha, imp, w)[:, w:]
+
+    return acc(pk, k), acc(pv, v)
+
+
+def dmc_plan_chunk(lengths: Array, ring_slot: Array, ring_dec: Array, merge: Array, n_valid: Array,
+                   page_size: int) -> ChunkPlan:
+    """Where a chunk's merged states go in one layer (for ``insert_chunk(plan=...)``).
+
+    merge ``[B, H, C]`` (False for padding). Chunk token j belongs to slot ``length - 1 + (appends among tokens
+    0..j)``; only the state that ends its segment (the next token appends, or j is the chunk's last token) is
+    written, so each slot is written once. The first token merging overwrites the head's last cached slot. No
+    copy-on-write: prefill fills empty (unforked) sequences, whose pages nobody shares. The ring is unchanged."""
+    c = merge.shape[-1]
+    valid = jnp.arange(c)[None, None, :] < n_valid[:, None, None]
+    append = valid & ~merge
+    target = lengths[..., None] + jnp.cumsum(append, axis=-1, dtype=jnp.int32) - 1
+    seg_end = valid & ~dms.shift_to_owner(merge, False)
+    new_lengths = lengths + jnp.sum(append, axis=-1, dtype=jnp.int32)
+    have = pages_for(lengths, page_size)
+    want = pages_for(new_lengths, page_size)
+    j_max = -(-c // page_size) + 1
+    need = jnp.arange(j_max)[None, None, :] < (want - have)[..., None]
+    return ChunkPlan(target=target, write=seg_end, new_lengths=new_lengths, have=have, need=need,
+                     ring_slot=ring_slot, ring_dec=ring_dec)
+
+
+def dmc_window_after_chunk(state: dict, num_tokens: Array, n_valid: Array, k: Array, v: Array, importance: Array,
+                           merge: Array, ok: Array) -> dict:
+    """One layer's window state after a chunk: its last W valid tokens into the ring, and the new ``seg_len`` (the
+    tokens since the chunk's last append, or the old segment grown by the chunk when every token merged; capped at
+    W). Shapes as ``dmc_chunk_states``; rows not ``ok`` [B] are left unchanged."""
+    b, h, w, _ = state["win_k"].shape
+    c = k.shape[1]
+    kk = jnp.arange(c)
+    valid = kk[None, :] < n_valid[:, None]  # [B, C]
+    ring = jnp.where(valid & (kk[None, :] >= n_valid[:, None] - w), (num_tokens[:, None] + kk) % w, w)  # w: dropped
+    ring = jnp.broadcast_to(ring[:, None, :], (b, h, c))
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    win_k = state["win_k"].at[bi, hi, ring].set(jnp.swapaxes(k, 1, 2).astype(state["win_k"].dtype), mode="drop")
+    win_v = state["win_v"].at[bi, hi, ring].set(jnp.swapaxes(v, 1, 2).astype(state["win_v"].dtype), mode="drop")
+    win_w = state["win_w"].at[bi, hi, ring].set(importance.astype(jnp.float32), mode="drop")
+    append = valid[:, None, :] & ~merge
+    last = jnp.max(jnp.where(append, kk, -1), axis=-1)  # [B, H]
+    seg = jnp.where(last >= 0, n_valid[:, None] - last, state["seg_len"] + n_valid[:, None])
+    new = {"win_k": win_k, "win_v": win_v, "win_w": win_w, "seg_len": jnp.minimum(seg, w)}
+    return jax.tree.map(lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o), new, state)
+
+
+def dmc_decode_slots(refcount: Array, tables: Array, lengths: Array, merge: Array, active: Array, page_size: int):
+    """One layer's slot bookkeeping for a DMC decode token: a merge overwrites slot ``length - 1``, an append takes
+    slot ``length`` (a fresh page at a page boundary); a write into a shared page (after a fork) goes to a fresh copy.
+
+    tables ``[S, H, M]``, lengths / merge ``[S, H]`` (merge already False for inactive rows and first tokens),
+    active ``[S]``. Returns (refcount, tables, lengths, write_page, write_offset, (copy_src, copy_dst)): copy page
+    src to dst (``copy_pages``) before writing the slot; inactive heads write to the sink and copy the sink.
+    Per head this asks for at most the pages an append would: a merge at a page boundary writes into the full last
+    page (a copy only if shared), and off a boundary a merge and an append write into the same page.
+    """
+    m = tables.shape[-1]
+    act = active[:, None]
+    target = jnp.where(merge, lengths - 1, lengths)
+    page_index = target // page_size
+    pidx = jnp.minimum(page_index, m - 1)[..., None]
+    fresh = act & ~merge & (lengths % page_size == 0)
+    cur = jnp.take_along_axis(tables, pidx, axis=-1)[..., 0]
+    cow = act & ~fresh & (refcount[cur] > 1)
+    need = fresh | cow
+    ids, refcount = allocate(refcount, need)
+    src = jnp.where(cow, cur, SINK_PAGE)
+    refcount = refcount.at[src].add(-cow.astype(jnp.int32)).at[SINK_PAGE].set(1)
+    tables = jnp.where((jnp.arange(m) == page_index[..., None]) & need[..., None], ids[..., None], tables)
+    page = jnp.where(act, jnp.take_along_axis(tables, pidx, axis=-1)[..., 0], SINK_PAGE)
+    off = jnp.where(act, target % page_size, 0)
+    lengths = lengths + (act & ~merge).astype(jnp.int32)
+    return refcount, tables, lengths, page, off, (src, jnp.where(cow, ids, SINK_PAGE))
+
+
+def copy_pages(k_pages: Array, v_pages: Array, src: Array, dst: Array):
+    """Copies pages ``src`` to ``dst`` (any equal shapes; sink-to-sink entries are no-ops). Every source is read
+    before any destination is written, so a page freed and handed out again within one step is still copied from."""
+    src, dst = src.reshape(-1), dst.reshape(-1)
+    return k_pages.at[dst].set(k_pages[src]), v_pages.at[dst].set(v_pages[src])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -200,6 +200,11 @@ class DMCConfig:
     accumulation_window: int = 12  # [dmc_window_size] a slot averages at most this many of its newest tokens
     tau: float = 0.1  # [dmc_temp] Gumbel-sigmoid temperature during training
     logit_offset: float = 5.0  # [dmc_init_val] merge logit k[d-1] - offset; importance sigmoid(q[d-1] + offset)
+    # Not in the reference (1 there): merge logit scale * k[d-1] - offset, importance sigmoid(scale * q[d-1] + ...).
+    # The borrowed rows start at zero and, under Adam at a retrofit's learning rate, move ~lr per step each: a
+    # logit of ~576 such weights moves too slowly for a few-hundred-step run (the unscaled CPU retrofit never
+    # left "append everything"). Under Adam a scale s is an s-times larger learning rate for those rows alone.
+    logit_scale: float = 1.0
 
     def __post_init__(self):
         w = self.accumulation_window
@@ -209,3 +214,5 @@ class DMCConfig:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if not math.isfinite(self.logit_offset):
             raise ValueError(f"logit_offset must be finite, got {self.logit_offset}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be finite and > 0, got {self.logit_scale}")

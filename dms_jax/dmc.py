@@ -12,7 +12,7 @@ Layout conventions are those of :mod:`dms_jax.dms`: activations ``[B, T, H, D]``
 
 Per token ``t`` of a KV head (``k_t``, ``q_t`` read after the q/k norm and *before* RoPE):
 
-* merge logit ``k_t[D-1] - c`` (``c = 5``; no scale), so ``alpha_t = 1`` means "merge token t into the
+* merge logit ``k_t[D-1] - c`` (``c = 5``; no scale in the reference, optional ``s * k_t[D-1] - c`` here), so ``alpha_t = 1`` means "merge token t into the
   previous slot".  The decision belongs to token ``t`` itself -- there is no one-token shift as in DMS --
   and the first token of a sequence always appends;
 * importance ``omega_t = sigmoid(mean_{query heads of the group} q_t[D-1] + c) + floor`` (``~1`` at start);
@@ -63,17 +63,19 @@ DECAY_FRACTION = 0.8
 # ---------------------------------------------------------------------------------------------------
 
 
-def merge_logits(k: Array, offset: float) -> Array:
-    """Merge logits ``[B, T, Hkv, D] -> [B, Hkv, T]``: ``k[..., D-1] - offset``, in float32.
+def merge_logits(k: Array, offset: float, scale: float = 1.0) -> Array:
+    """Merge logits ``[B, T, Hkv, D] -> [B, Hkv, T]``: ``scale * k[..., D-1] - offset``, in float32.
 
     ``k`` is taken after the k-norm and before RoPE.  ``offset`` (5) puts every logit near -5 once the
-    neuron has been zeroed, so a retrofit starts from "append everything".
+    neuron has been zeroed, so a retrofit starts from "append everything".  ``scale`` is 1 in the reference;
+    under Adam a scale s acts like an s times larger learning rate for the borrowed row alone (see
+    ``DMCConfig.logit_scale``).
     """
-    return jnp.swapaxes(k[..., -1].astype(jnp.float32) - offset, 1, 2)
+    return jnp.swapaxes(scale * k[..., -1].astype(jnp.float32) - offset, 1, 2)
 
 
-def importance_weights(q: Array, num_kv_heads: int, offset: float) -> Array:
-    """Importance ``omega`` ``[B, T, Hq, D] -> [B, Hkv, T]``: ``sigmoid(mean_g q[..., D-1] + offset) + floor``.
+def importance_weights(q: Array, num_kv_heads: int, offset: float, scale: float = 1.0) -> Array:
+    """Importance ``omega`` ``[B, T, Hq, D] -> [B, Hkv, T]``: ``sigmoid(scale * mean_g q[..., D-1] + offset) + floor``.
 
     The mean runs over the query heads of each KV group (as the reference's training code does), because the
     merged slot is shared by the whole group.  (The reference's inference kernel reads the query head whose index
@@ -84,7 +86,7 @@ def importance_weights(q: Array, num_kv_heads: int, offset: float) -> Array:
     if num_kv_heads < 1 or hq % num_kv_heads:
         raise ValueError(f"num_kv_heads must divide the number of query heads ({hq}), got {num_kv_heads}")
     per_group = q[..., -1].astype(jnp.float32).reshape(b, t, num_kv_heads, hq // num_kv_heads).mean(-1)
-    return jnp.swapaxes(jax.nn.sigmoid(per_group + offset), 1, 2) + IMPORTANCE_FLOOR
+    return jnp.swapaxes(jax.nn.sigmoid(scale * per_group + offset), 1, 2) + IMPORTANCE_FLOOR
 
 
 def scale_borrowed_neurons(x: Array, scale: float | Array) -> Array:

@@ -33,6 +33,15 @@ after the layers), and no ``lax.cond`` carries it: on CPU, XLA copies a 200 MB p
 leaves it with two live users (before: 4 whole-pool copies, 1.6 GB of memory traffic, per step at 8K x 8 chains);
 see ``_cond_without_pools`` and ``_online_blocks(thread_pools=...)``.
 
+**DMC** (policy "dmc", a model built with a DMCConfig; cache.py's module docstring): the same three phases, but
+a token merges into its head's last slot or appends one instead of being evicted. Prefill attends a chunk's queries
+to the cached slots (minus the last one when the chunk's first token merges into it) and to the chunk's
+intermediate merged states, continued from the per-head window state, with the training-side visibility; only the
+states that end a segment are written (``_dmc_prefill_layer``). Decode decides the merges inside each layer, so the
+slot bookkeeping and page allocation run layer by layer; the step's page check reserves the worst case (every head
+appending), which a merge never exceeds (``_dmc_decode_forward``). Forked chains share pages copy-on-write as for
+DMS: a merge into a shared last slot copies its page first.
+
 Pool exhaustion is never silent. ``on_exhaustion="preempt"`` (default): when a step's page requests do not fit,
 the most recently admitted running sequences (highest slot first) are preempted -- their pages are freed, their
 output so far is returned with ``status="preempted"`` -- and every other sequence continues exactly as it would
@@ -54,8 +63,9 @@ import numpy as np
 from flax import nnx, struct
 
 from dms_jax import cache as kvc
+from dms_jax import dmc, dms
 from dms_jax.generate import SamplingConfig, sample_next
-from dms_jax.model import CausalLM
+from dms_jax.model import CausalLM, apply_rope, rope_cos_sin
 from pallas_kernels import paged_decode_attention
 from pallas_kernels._common import BACKENDS, resolve_backend
 
@@ -347,12 +357,14 @@ def _cond_without_pools(pred, fn, cache: kvc.PagedCache) -> kvc.PagedCache:
 
 
 def _prefill_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables, lengths, marked_pos, q_pos,
-                       window, bp):  # -> (out, k_pages, v_pages): see _online_blocks
+                       window, bp, exclude_slot=None):  # -> (out, k_pages, v_pages): see _online_blocks
     """Attention of a chunk's queries to the cached live slots (blocked, exact DMS visibility) and to the chunk.
 
     q [B, C, Hq, D]; chunk keys [B, C, Hkv, D] with chunk_vis [B, Hkv, C, C]; cached: tables [B, Hkv, M] (M a
     multiple of the block), lengths [B, Hkv], marked_pos [B, Hkv, M * page_size] (position of a slot's token if it
-    is a marked ring token, else -1; see cache.marked_positions), q_pos [B, C]. Returns [B, C, Hq, D].
+    is a marked ring token, else -1; see cache.marked_positions; None: no marked tokens), q_pos [B, C].
+    exclude_slot [B, Hkv]: a cached slot hidden from every query (DMC: the last slot, when the chunk's first token
+    merges into it), -1 for none. Returns [B, C, Hq, D].
     """
     b, c, hq, d = q.shape
     hkv = k_chunk.shape[2]
@@ -371,6 +383,10 @@ def _prefill_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables,
     def visible(i):
         slot = i * t + jnp.arange(t)
         live = slot[None, None, :] < lengths[..., None]  # [B, H, T]
+        if exclude_slot is not None:
+            live = live & (slot[None, None, :] != exclude_slot[..., None])
+        if marked_pos is None:
+            return jnp.broadcast_to(live[:, :, None, :], (b, hkv, c, t))
         mp = jax.lax.dynamic_slice_in_dim(marked_pos, i * t, t, axis=2)
         gone = (mp[:, :, None, :] >= 0) & (q_pos[:, None, :, None] - mp[:, :, None, :] > window)
         return live[:, :, None, :] & ~gone
@@ -421,6 +437,11 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
 
         def attention_fn(p):
             ok = ~failed
+            if policy.merges:
+                out, (refcount2, pre, layer_reads, overflow, new, kv, pst2) = _dmc_prefill_layer(
+                    p, layer.self_attn.cfg, refcount, tables, lengths, ring_slot, ring_dec, pst, n, n_valid,
+                    positions, qvalid, ok, k_pages, v_pages, policy, spec, block_tokens)
+                return out, (refcount2, failed | pre, reads + layer_reads, overflow, new, kv, pst2)
             dec_at = policy.decisions(p.decision_logits, positions, hkv) & qvalid[:, None, :]
             ring_dec1 = kvc.set_previous_decision(ring_dec, n, dec_at[..., 0], (n_valid > 0) & ok, r)
             dec_chunk = kvc.chunk_owner_decisions(dec_at, n_valid)
@@ -482,6 +503,43 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
     return logits, cache, failed, jnp.where(failed, 0, reads), overflow
 
 
+def _dmc_prefill_layer(p, cfg, refcount, tables, lengths, ring_slot, ring_dec, win, n, n_valid, positions, qvalid,
+                       ok, k_pages, v_pages, policy, spec, block_tokens):
+    """One layer of a DMC prefill chunk (policy "dmc"; the DMS path of ``_prefill_chunk`` in DMC's terms).
+
+    The chunk's keys are its tokens' intermediate merged states (``cache.dmc_chunk_states``: the training-side
+    parallel form, continued from the window state), RoPE'd at each token's position; query i sees chunk state
+    j <= i iff j == i or token j + 1 appends (state j survives), and every cached slot except the last one when the
+    chunk's first token merges into it. Then the states that end a segment are booked (``cache.dmc_plan_chunk``,
+    ``insert_chunk``) and the window state moves on. Returns what ``_prefill_chunk``'s attention_fn returns, with
+    this layer's reads instead of the running sum."""
+    ps, hkv = spec.page_size, spec.num_kv_heads
+    c = positions.shape[1]
+    merge = policy.decisions(p.decision_logits, positions, hkv) & qvalid[:, None, :]  # [B, H, C]
+    k_states, v_states = kvc.dmc_chunk_states(win, n, p.k_unrotated, p.v, p.importance, merge, spec.dtype)
+    cos, sin = rope_cos_sin(cfg, positions)
+    k_states = dmc.scale_borrowed_neurons(apply_rope(k_states, cos, sin), 0.0)
+    kk = jnp.arange(c)
+    dist = kk[:, None] - kk[None, :]  # query - key
+    survives = ~dms.shift_to_owner(merge, False)  # state j stays iff token j + 1 does not merge into it
+    chunk_vis = (((dist == 0)[None, None] | ((dist > 0)[None, None] & survives[:, :, None, :]))
+                 & qvalid[:, None, :, None] & qvalid[:, None, None, :])
+    hidden = jnp.where(merge[..., 0], lengths - 1, -1)  # [B, H]
+    per_q = jnp.where(qvalid[:, None, :], (lengths - (hidden >= 0))[..., None], 0)
+    layer_reads = jnp.sum(chunk_vis, axis=(1, 2, 3), dtype=jnp.int32) + jnp.sum(per_q, axis=(1, 2), dtype=jnp.int32)
+    bp = _block_pages(ps, block_tokens or BLOCK_TOKENS)
+    out, _, _ = _prefill_attention(p.q, k_states.astype(p.q.dtype), v_states.astype(p.q.dtype), chunk_vis, k_pages,
+                                   v_pages, _pad_tables(tables, bp), lengths, None, positions, 0, bp,
+                                   exclude_slot=hidden)
+    plan = kvc.dmc_plan_chunk(lengths, ring_slot, ring_dec, merge, n_valid, ps)
+    (refcount2, *new), (page, off), pre, overflow = kvc.insert_chunk(
+        refcount, tables, lengths, ring_slot, ring_dec, n, n_valid, merge, ok, ps, plan=plan)
+    refcount2, *new = kvc.drop_rows(refcount2, *new, pre, ps)
+    win2 = kvc.dmc_window_after_chunk(win, n, n_valid, p.k_unrotated, p.v, p.importance, merge, ok & ~pre)
+    kv = (page, off, jnp.swapaxes(k_states, 1, 2), jnp.swapaxes(v_states, 1, 2))
+    return out, (refcount2, pre, layer_reads, overflow, tuple(new), kv, win2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Decode: one token for every active sequence
 # ---------------------------------------------------------------------------------------------------------
@@ -498,6 +556,9 @@ class _StepInfo:
 def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend, interpret,
                     block_tokens=None):
     """The forward of one decode step for ``active`` sequences, after the plan fits. Returns (logits, cache)."""
+    if policy.merges:
+        return _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend,
+                                   interpret, block_tokens)
     r, hkv = spec.ring, spec.num_kv_heads
     s = tokens.shape[0]
     plan = kvc.plan_decode(cache, spec, active, policy)
@@ -582,6 +643,68 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
     return outer.unembed(x[:, 0]), cache
 
 
+def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend,
+                        interpret, block_tokens=None):
+    """``_decode_forward`` for DMC (policy "dmc"). A head's merge decision comes from the token's own key, so
+    it is known only inside its layer: the slot bookkeeping (merge into the last slot or append, page allocation,
+    copy-on-write; ``cache.dmc_decode_slots``) runs layer by layer with the refcount threaded through the layers.
+    The page check before the forward reserved the worst case (every head appends), so the allocations fit.
+
+    On the blocked XLA path the attention reads the head's slots minus the one being merged into, plus the new
+    merged state (``new_kv`` / ``exclude_slot``), and the page copies and slot writes of all layers happen after
+    the layers (one scatter each), as in the DMS decode; the kernel backends read the new state from the pool, so
+    each layer copies and writes first."""
+    ps, hkv = spec.page_size, spec.num_kv_heads
+    s = tokens.shape[0]
+    n = cache.num_tokens
+    positions = n[:, None]
+    x = outer.embed_tokens(tokens[:, None])
+    deferred = backend == "xla_blocked"
+
+    def body(carry, per_layer):
+        x, k_pages, v_pages, refcount = carry
+        params, tables, lengths, win = per_layer
+        layer = nnx.merge(layer_gd, params)
+
+        def attention_fn(p):
+            d = p.q.shape[-1]
+            merge = policy.decisions(p.decision_logits, positions, hkv)[..., 0] & active[:, None]  # [S, H]
+            win_k, win_v, win_w, seg_len, state_k, state_v = dmc.window_update(
+                win["win_k"], win["win_v"], win["win_w"], win["seg_len"], n, p.k_unrotated[:, 0], p.v[:, 0],
+                p.importance[..., 0], merge, active)
+            cos, sin = rope_cos_sin(layer.self_attn.cfg, positions)
+            state_k = dmc.scale_borrowed_neurons(apply_rope(state_k[:, None], cos, sin), 0.0)[:, 0]
+            refcount2, tables2, lengths2, page, off, cow = kvc.dmc_decode_slots(refcount, tables, lengths, merge,
+                                                                                active, ps)
+            q = p.q[:, 0].reshape(s, hkv, -1, d)
+            if deferred:
+                out, kp, vp = paged_attention_blocked(
+                    q, k_pages, v_pages, tables, lengths, block_tokens=block_tokens, new_kv=(state_k, state_v),
+                    exclude_slot=jnp.where(merge, lengths - 1, -1), return_pools=True, thread_pools=True)
+            else:
+                kp, vp = kvc.copy_pages(k_pages, v_pages, *cow)
+                kp, vp = kvc.write_kv(kp, vp, page, off, state_k, state_v)
+                out = paged_decode_attention(q, kp, vp, tables2[..., :width], lengths2, backend=backend,
+                                             interpret=interpret)
+            win2 = {"win_k": win_k, "win_v": win_v, "win_w": win_w, "seg_len": seg_len}
+            return out.reshape(s, 1, -1, d), (kp, vp, refcount2, (tables2, lengths2, win2,
+                                                                  (cow, page, off, state_k, state_v)))
+
+        x, (k_pages, v_pages, refcount, ys) = layer(x, positions, attention_fn, True)
+        return (x, k_pages, v_pages, refcount), ys
+
+    (x, k_pages, v_pages, refcount), (tables, lengths, win, kv) = _over_layers(
+        body, (x, cache.k_pages, cache.v_pages, cache.refcount), layer_params,
+        (cache.block_tables, cache.lengths, cache.policy_state))
+    if deferred:  # copy-on-write copies, then every layer's slot write (inactive heads: the sink)
+        cow, page, off, k_new, v_new = kv
+        k_pages, v_pages = kvc.copy_pages(k_pages, v_pages, *cow)
+        k_pages, v_pages = kvc.write_kv(k_pages, v_pages, page, off, k_new, v_new)
+    cache = cache.replace(k_pages=k_pages, v_pages=v_pages, refcount=refcount, block_tables=tables, lengths=lengths,
+                          policy_state=win, num_tokens=n + active.astype(jnp.int32))
+    return outer.unembed(x[:, 0]), kvc.note_high_water(cache)
+
+
 def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, policy, width, backend, interpret,
                  on_exhaustion, block_tokens=None):
     """Plans the step, handles pool exhaustion, runs the forward. Returns (logits [S, V], cache, _StepInfo)."""
@@ -602,7 +725,8 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
             return _decode_forward(layer_gd, layer_params, outer, c, tokens, active, spec, policy, width, backend,
                                    interpret, block_tokens)
 
-        if cache.policy_state is None:  # a step that does not fit runs with no sequence active: a no-op (no cond)
+        if cache.policy_state is None or policy.merges:  # a step that does not fit runs with nothing active: a
+            # no-op (no cond; DMC's window state is left alone by inactive rows)
             logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~error, spec,
                                             policy, width, backend, interpret, block_tokens)
             logits = jnp.where(error, 0.0, logits)
@@ -747,8 +871,10 @@ def _check_int(name, v, lo=1):
 class Engine:
     """Serves a model over the paged cache with an eviction policy.
 
-    policy: "vanilla" | "dms" | "fixed" | "tova" | "h2o" | "streaming" | "quest" or an ``EvictionPolicy`` ("dms"
-    takes window and alpha_per from the model's DMSConfig; extra keyword arguments go to ``cache.make_policy``, e.g.
+    policy: "vanilla" | "dms" | "dmc" | "fixed" | "tova" | "h2o" | "streaming" | "quest" or an ``EvictionPolicy``
+    ("dms" takes window and alpha_per from the model's DMSConfig, "dmc" -- merging instead of evicting, for a model
+    built with a DMCConfig -- its accumulation window from the model's DMCConfig; a policy that does not fit the
+    model's config raises ValueError; extra keyword arguments go to ``cache.make_policy``, e.g.
     ``cr=8, window=64`` for "fixed", ``budget=256`` (tokens per KV head) for the baselines of baselines.py).
     budget_pages: the page pool (memory budget) per call; None = enough for every request to keep every token.
     page_size: tokens per page (16: small enough that the half-empty last page of each of the L x Hkv heads wastes
@@ -778,9 +904,17 @@ class Engine:
             raise ValueError(f"on_exhaustion must be one of {ON_EXHAUSTION}, got {on_exhaustion!r}")
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
-        self.policy = kvc.make_policy(policy, model.dms_cfg, **policy_kw)
-        if self.policy.uses_model_decisions and model.dms_cfg is None:
-            raise ValueError(f"policy {self.policy.name!r} needs a model with a DMSConfig (decision logits)")
+        self.policy = kvc.make_policy(policy, model.dms_cfg, dmc_cfg=model.dmc_cfg, **policy_kw)
+        if self.policy.merges:
+            if model.dmc_cfg is None:
+                raise ValueError(f"policy {self.policy.name!r} needs a model with a DMCConfig (merge decisions)"
+                                 + ("; this model has a DMSConfig: use policy 'dms'" if model.dms_cfg else ""))
+            if self.policy.window != model.dmc_cfg.accumulation_window:
+                raise ValueError(f"the dmc policy's window ({self.policy.window}) differs from the model's "
+                                 f"DMCConfig.accumulation_window ({model.dmc_cfg.accumulation_window})")
+        elif self.policy.uses_model_decisions and model.dms_cfg is None:
+            raise ValueError(f"policy {self.policy.name!r} needs a model with a DMSConfig (decision logits)"
+                             + ("; this model has a DMCConfig: use policy 'dmc'" if model.dmc_cfg else ""))
         self.model = model
         self.cfg = model.cfg
         self.page_size = int(page_size)

@@ -189,8 +189,8 @@ class Attention(nnx.Module):
         logits = importance = None
         if dmc_on:
             neuron_scale = 0.0
-            logits = dmc.merge_logits(k, ccfg.logit_offset)
-            importance = dmc.importance_weights(q, cfg.num_kv_heads, ccfg.logit_offset)
+            logits = dmc.merge_logits(k, ccfg.logit_offset, ccfg.logit_scale)
+            importance = dmc.importance_weights(q, cfg.num_kv_heads, ccfg.logit_offset, ccfg.logit_scale)
         q, k = dmc.scale_borrowed_neurons(q, neuron_scale), dmc.scale_borrowed_neurons(k, neuron_scale)
         k_unrotated = k
         cos, sin = rope_cos_sin(cfg, positions)

@@ -15,7 +15,10 @@ Tasks
   chain's variables named in the answer (``mode="all"``: 1 only when all are).
 * ``arithmetic``: "What is 17 + 5? Answer with the number only.", with a few solved examples as earlier chat
   turns and the answer started as "17 + 5 =".  Score: exact match of the first integer of the answer;
-  ``majority_vote`` combines several samples.
+  ``majority_vote`` combines several samples.  ``target_tokens`` pads the prompt to a long context with a system
+  message of filler sentences that the question does not need.
+
+``score_answer(task, extracted, answer)`` scores an extracted answer (e.g. the winner of a majority vote).
 
 ``score(case, text)`` dispatches on ``case.meta["task"]``.
 """
@@ -46,6 +49,7 @@ __all__ = [
     "extract_passkey",
     "extract_number",
     "majority_vote",
+    "score_answer",
     "chat_prompt_ids",
     "resolve_assignments",
 ]
@@ -536,6 +540,7 @@ def make_arithmetic_cases(
     num_shots: int = 3,
     answer_prefix: bool = True,
     system: str | None = None,
+    target_tokens: int | None = None,
 ) -> list[Case]:
     """Arithmetic questions ("What is 17 + 5? Answer with the number only.") after ``num_shots`` solved
     examples given as earlier chat turns.  With ``answer_prefix`` the assistant turn starts by restating the
@@ -547,6 +552,12 @@ def make_arithmetic_cases(
     prefix) 0.65 on 40 cases; the same without the prefix 0.15 (20 cases); operands 1..9 with no shots
     0.75-0.95 (20 cases) -- a task the model does in part, where sampling several answers and voting has
     room to help.
+
+    ``target_tokens``: pad the prompt to about that many tokens with a system message of filler sentences
+    (``ARITHMETIC_BACKGROUND`` then the passkey filler, after ``system`` if given) that the question does not
+    need -- a long context for the hyper-scaling runs where the answer depends only on the last turns.
+    Measured (vanilla SmolLM2, temperature 0.7, 8 samples, 6 cases): 0.56 of samples right at ~920 tokens vs
+    0.54 with no padding (154 tokens); many solved examples instead (33 shots to reach 1K) drop it to ~0.06.
     """
     _check_common(tokenizer, n, seed)
     ops = tuple(ops)
@@ -558,6 +569,10 @@ def make_arithmetic_cases(
         raise ValueError(f"max_value: need 0 <= min_value <= max_value, got {min_value!r}, {max_value!r}")
     if not isinstance(num_shots, (int, np.integer)) or num_shots < 0:
         raise ValueError(f"num_shots: must be an integer >= 0, got {num_shots!r}")
+    if target_tokens is not None and (
+        isinstance(target_tokens, bool) or not isinstance(target_tokens, (int, np.integer)) or target_tokens < 1
+    ):
+        raise ValueError(f"target_tokens: must be None or an integer >= 1, got {target_tokens!r}")
     if num_shots and (max_value - min_value + 1) ** 2 <= num_shots:
         raise ValueError(f"num_shots: {num_shots} distinct examples need a wider [min_value, max_value]")
 
@@ -575,7 +590,11 @@ def make_arithmetic_cases(
             q, pre = render(x, o, y)
             if q != question and all(q != s[0] for s in shots):
                 shots.append((q, f"{pre} {z}" if pre else z))
-        ids = chat_prompt_ids(tokenizer, question, system=system, history=shots, assistant_prefix=prefix)
+        n_filler = 0
+        if target_tokens is None:
+            ids = chat_prompt_ids(tokenizer, question, system=system, history=shots, assistant_prefix=prefix)
+        else:
+            ids, n_filler = _pad_with_system_filler(tokenizer, int(target_tokens), system, question, shots, prefix)
         cases.append(
             Case(
                 prompt_ids=tuple(int(t) for t in ids),
@@ -586,10 +605,47 @@ def make_arithmetic_cases(
                     "assistant_prefix": prefix,
                     "shots": tuple(shots),
                     "num_tokens": len(ids),
+                    "n_filler": n_filler,
+                    "target_tokens": target_tokens,
                 },
             )
         )
     return cases
+
+
+ARITHMETIC_BACKGROUND = "Background text (not needed for the questions):"
+
+
+def _pad_with_system_filler(tokenizer, target_tokens, system, question, shots, prefix) -> tuple[list[int], int]:
+    """Prompt ids with a system message ``[system + blank line +] ARITHMETIC_BACKGROUND + filler`` whose number of
+    filler sentences puts the whole prompt closest to ``target_tokens`` tokens; returns (ids, filler sentences)."""
+
+    def build(n: int) -> list[int]:
+        hay, _ = _haystack(n, [])
+        text = f"{ARITHMETIC_BACKGROUND} {hay}" if n else ARITHMETIC_BACKGROUND
+        sys_text = f"{system}\n\n{text}" if system else text
+        return chat_prompt_ids(tokenizer, question, system=sys_text, history=shots, assistant_prefix=prefix)
+
+    base = build(0)
+    if len(base) > target_tokens:
+        raise ValueError(
+            f"target_tokens: {target_tokens} is shorter than the prompt without filler ({len(base)} tokens)"
+        )
+    per = max((len(build(50)) - len(base)) / 50.0, 1e-6)
+    n = max(0, int(round((target_tokens - len(base)) / per)))
+    best = build(n)
+    seen = {n}
+    while len(best) != target_tokens:
+        diff = len(best) - target_tokens
+        nxt = n - 1 if diff > 0 else n + 1
+        if nxt < 0 or nxt in seen:
+            break
+        seen.add(nxt)
+        cand = build(nxt)
+        if abs(len(cand) - target_tokens) > abs(diff):
+            break
+        best, n = cand, nxt
+    return best, n
 
 
 _INTEGER = re.compile(r"(?<![\d.])-?\d[\d,]*(?:\.\d+)?")
@@ -655,6 +711,20 @@ def make_cases(task: str, tokenizer, n: int, seed: int = 0, **params) -> list[Ca
     if task not in TASKS:
         raise ValueError(f"task: unknown task {task!r}; choose from {sorted(TASKS)}")
     return TASKS[task].make_cases(tokenizer, n, seed, **params)
+
+
+def score_answer(task: str, extracted: Hashable | None, answer: str) -> float:
+    """Score an *extracted* answer (what ``TASKS[task].extract`` returns, e.g. the winner of ``majority_vote``)
+    against ``answer``; ``None`` scores 0. For one generated text, ``score_answer(task, TASKS[task].extract(text),
+    answer)`` equals ``TASKS[task].score(text, answer)``."""
+    if task not in TASKS:
+        raise ValueError(f"task: unknown task {task!r}; choose from {sorted(TASKS)}")
+    if extracted is None:
+        return 0.0
+    if task == "variable_tracking":
+        names = [extracted] if isinstance(extracted, str) else list(extracted)
+        return score_variable_tracking(" ".join(names), answer)
+    return float(str(extracted) == str(answer))
 
 
 def score(case: Case, text: str) -> float:

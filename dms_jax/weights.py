@@ -37,6 +37,7 @@ _DMC_HF_FIELDS = {
     "dmc_accumulation_window": "accumulation_window",  # --dmc-window-size
     "dmc_tau": "tau",  # --dmc-temp
     "dmc_logit_offset": "logit_offset",  # --dmc-init-val
+    "dmc_logit_scale": "logit_scale",  # ours (1 in the reference)
 }
 
 

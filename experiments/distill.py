@@ -39,9 +39,14 @@ PRESETS = {
     # are zeroed. DMC borrows element d-1 of every q and k head (DMS one q head per group): on SmolLM2, zeroing them at
     # step 0 costs 0.64 nats of KL, after the 20 decay steps the first compression step starts at ~0.17 (steps 17-20
     # at scale 0: 0.11-0.16), while 20 steps still leave 130 for the CR ramp.
+    # Merge logit 100 * k[d-1] - 3 (the reference: 1 * k[d-1] - 5). Unscaled, two runs never left "append
+    # everything": at -5 only ~0.7% of the logistic noise reaches the decision boundary, and each borrowed weight
+    # moves ~lr per step under Adam. A 40-step probe with scale 100 (offset 5) left the noise floor and was still
+    # speeding up (merge fraction 0.007 -> 0.08 in 30 steps); offset 3 starts where the gradient is 7x larger.
     "cpu-dmc": dict(method="dmc", neuron_decay_steps=20, steps=200, batch_size=4, grad_accum=1, seq_len=256,
                     cr_final=4.5, cr_final_step=130, lr=1e-4, trainable="all", checkpoint_every=40, eval_seqs=16,
-                    eval_seq_len=2048, passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25),
+                    eval_seq_len=2048, passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25,
+                    dmc_logit_scale=100.0, dmc_offset=3.0),
     # The README demo: a few minutes end to end.
     "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
                  lr=1e-4, trainable="all", variant="adapter", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
@@ -52,7 +57,7 @@ PRESETS = {
                  passkey_lengths="512"),
 }
 DEFAULTS = dict(steps=300, batch_size=4, grad_accum=1, seq_len=256, window=256, cr_final=4.0, cr_final_step=None,
-                variant="neuron", method="dms",
+                variant="neuron", method="dms", dmc_logit_scale=1.0, dmc_offset=5.0,
                 lr=3e-5, trainable="all", checkpoint_every=50, eval_seqs=16, eval_seq_len=2048, passkey_cases=0,
                 passkey_lengths="1024,2048", recall_fraction=0.0)
 
@@ -87,8 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["dms", "dmc"],
                    help="dms: learned delayed eviction; dmc: Dynamic Memory Compression (merge into the last slot)")
     p.add_argument("--dmc-window", type=int, default=12, help="dmc: a slot averages at most this many newest tokens")
-    p.add_argument("--dmc-offset", type=float, default=5.0,
+    p.add_argument("--dmc-offset", type=float,
                    help="dmc: merge logit k[d-1] - offset, importance sigmoid(q[d-1] + offset)")
+    p.add_argument("--dmc-logit-scale", type=float,
+                   help="dmc: merge logit scale * k[d-1] - offset (1 = the reference; under Adam, scale s is an s "
+                        "times larger learning rate for the borrowed rows alone)")
     p.add_argument("--neuron-decay-steps", type=int,
                    help="dmc: first-stage steps that decay the borrowed q/k neurons to zero before compression "
                         "training (default: 10%% of --steps)")
@@ -135,7 +143,8 @@ def validate(args):
 
     # The compression config: DMSConfig for --method dms, DMCConfig for --method dmc.
     if args.method == "dmc":
-        compression_cfg = DMCConfig(accumulation_window=args.dmc_window, tau=args.tau, logit_offset=args.dmc_offset)
+        compression_cfg = DMCConfig(accumulation_window=args.dmc_window, tau=args.tau, logit_offset=args.dmc_offset,
+                                    logit_scale=args.dmc_logit_scale)
         if args.neuron_decay_steps is None:
             args.neuron_decay_steps = args.steps // 10
     else:
@@ -197,25 +206,26 @@ def passkey_accuracy(model, tokenizer, lengths, n, *, dms: bool, dmc: bool = Fal
     return out
 
 
-def plot_metrics(metrics_file: Path, png: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_metrics(metrics_file: Path, png: Path, title: str = "DMS retrofit"):
+    # An explicit Figure + Agg canvas, not pyplot: no global backend switch or figure registry, so a notebook that
+    # plots while main() runs in a thread is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in open(metrics_file)]
     steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
     a.plot(steps, [r["kl"] for r in rows], label="KL(student || teacher)")
     a.plot(steps, [r["loss_cr"] for r in rows], label="compression hinge")
     a.set_xlabel("step"), a.set_ylabel("loss"), a.set_yscale("log"), a.legend(), a.grid(alpha=0.3)
     b.plot(steps, [r["target_cr"] for r in rows], label="target CR")
     b.plot(steps, [1 / max(1 - r["eviction_fraction"], 1e-6) for r in rows], label="achieved CR (train, hard)")
     b.set_xlabel("step"), b.set_ylabel("compression ratio"), b.legend(), b.grid(alpha=0.3)
-    fig.suptitle("DMS retrofit")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def _exact_target_cr(train_cfg, step: int) -> float:
@@ -445,7 +455,7 @@ def main(argv=None) -> dict:
         weights.export_hf(student, run_dir / "export", tokenizer=tokenizer,
                           compression_ratio=train_cfg.cr_final if cr_reached is None else round(cr_reached, 3))
     if is_main:
-        plot_metrics(metrics_file, run_dir / "training.png")
+        plot_metrics(metrics_file, run_dir / "training.png", f"{args.method.upper()} retrofit")
     result = {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -455,6 +465,7 @@ def main(argv=None) -> dict:
         **({"variant": dms_cfg.variant, "alpha_per": dms_cfg.alpha_per, "window": dms_cfg.window}
            if dms_cfg is not None else
            {"dmc_accumulation_window": dmc_cfg.accumulation_window, "dmc_logit_offset": dmc_cfg.logit_offset,
+            "dmc_logit_scale": dmc_cfg.logit_scale,
             "neuron_decay_steps": train_cfg.neuron_decay_steps, "compression_start": train_cfg.compression_start}),
         "steps": train_cfg.steps,
         "seq_len": train_cfg.seq_len,
@@ -479,7 +490,7 @@ def main(argv=None) -> dict:
             with open(args.results, "w") as f:
                 json.dump(result, f, indent=2)
             plot_dst = Path(args.results).with_suffix(".png")
-            plot_metrics(metrics_file, plot_dst)
+            plot_metrics(metrics_file, plot_dst, f"{args.method.upper()} retrofit")
         print(json.dumps({k: v for k, v in result.items() if k not in ("data",)}, indent=2))
     ckpt.close()
     return result

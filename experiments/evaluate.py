@@ -4,6 +4,15 @@ StreamingLLM, Quest) on the same paged engine, at matched budgets.
     python -m experiments.evaluate --sweep cpu --dms-model runs/distill/export
     python -m experiments.evaluate --sweep cpu --dms-run runs/distill --methods vanilla,dms,tova --ratios 4
     python -m experiments.evaluate --sweep smoke --out /tmp/pareto.json          # tiny random model, seconds
+    python -m experiments.evaluate --sweep hyperscale --dms-run runs/distill --dms-milestones 129   # majority voting
+
+Hyper-scaling (``--sweep hyperscale``, ``hyperscale-smoke``): the paper's L-W-CR comparison. Per case the prompt is
+prefilled once and forked into ``--chains`` chains sampled at ``--temperature``; a point (method, task, W) scores
+the majority vote of the first W chains (W = 1, 2, 4, ..., chains; ``tasks.majority_vote`` over each task's
+extracted answers) and counts memory as W separate chains: ``peak_tokens`` / ``kv_reads`` are the sums of the W
+chains' own peak live tokens (prompt included) / decode KV reads. Per-case samples are kept in the JSON's
+``groups`` (default ``docs/results/hyperscale.json``), saved after every case; a rerun adds only missing cases (a
+larger ``--cases`` extends a finished run), in blocks of ``--case-block`` cases across all groups.
 
 A sweep is a grid of points (method, ratio, task, context length). A ratio r (all tokens / kept tokens) gives
 every baseline the budget ``round(context / r)`` tokens per KV head (Quest: that many tokens *read* per step,
@@ -38,11 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("vanilla", "dms", "tova", "h2o", "streaming", "quest")
+METHODS = ("vanilla", "dms", "dmc", "tova", "h2o", "streaming", "quest")
+LEARNED = ("dms", "dmc")  # methods whose model decides (one point per checkpoint, at its measured ratio)
 TASKS = ("passkey", "variable_tracking", "heldout")
 BASELINES = ("tova", "h2o", "streaming", "quest")
 PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-TASK_SEEDS = {"passkey": 1234, "variable_tracking": 4321, "heldout": 0}
+TASK_SEEDS = {"passkey": 1234, "variable_tracking": 4321, "heldout": 0, "arithmetic": 777}
+HYPERSCALE_TASKS = ("passkey", "variable_tracking", "arithmetic")
 TINY = "tiny-random"  # a 2-layer random model with the default tokenizer: exercises every code path in seconds
 
 SWEEPS = {
@@ -55,6 +66,17 @@ SWEEPS = {
                 tasks=["passkey", "variable_tracking", "heldout"], lengths=[1024, 2048], cases=30, batch=4,
                 max_new_tokens=16, heldout_seqs=4, heldout_len=1024, heldout_chunk=32, prefill_chunk=64,
                 page_size=16),
+    # Inference-time hyper-scaling (--sweep hyperscale*): per case, one prefill forked into ``chains`` sampled
+    # chains; majority votes over the first W chains, W = 1, 2, 4, ..., chains (see run_hyperscale).
+    "hyperscale-smoke": dict(model=TINY, methods=["vanilla", "dms"], ratios=[], tasks=["passkey", "arithmetic"],
+                             lengths=[200], cases=2, batch=1, max_new_tokens=4, heldout_seqs=1, heldout_len=96,
+                             heldout_chunk=32, prefill_chunk=32, page_size=8, chains=4, temperature=0.7, top_p=1.0,
+                             sample_seed=0, hyperscale=True),
+    "hyperscale": dict(model=None, methods=["vanilla", "dms"], ratios=[],
+                       tasks=["passkey", "variable_tracking", "arithmetic"], lengths=[1024], cases=50, batch=1,
+                       max_new_tokens=12, heldout_seqs=1, heldout_len=1024, heldout_chunk=32, prefill_chunk=64,
+                       page_size=16, chains=16, temperature=0.7, top_p=1.0, sample_seed=0, case_block=5,
+                       hyperscale=True),
 }
 # variable_tracking at 2K is at the floor for the 135M model (DESIGN.md section 3): only the first length there.
 TASK_MAX_LENGTHS = {"variable_tracking": 1}
@@ -77,12 +99,23 @@ def parse_args(argv=None):
                    help="DMS checkpoints: HF export directories (e.g. runs/distill/export)")
     p.add_argument("--dms-run", nargs="+", default=[], metavar="DIR",
                    help="distill run directories: every milestone checkpoint (one per whole CR) is a DMS point")
-    p.add_argument("--out", default="docs/results/pareto.json", help="output JSON (.png and .md beside it)")
+    p.add_argument("--dmc-model", nargs="+", default=[], metavar="PATH",
+                   help="DMC checkpoints (merge-based): HF export directories of `distill --method dmc` runs")
+    p.add_argument("--dms-milestones", help="comma-separated milestone steps of the --dms-run runs to use "
+                                            "(default: every milestone)")
+    p.add_argument("--out", help="output JSON (.png and .md beside it; default docs/results/pareto.json, for the "
+                                 "hyperscale sweeps docs/results/hyperscale.json)")
     p.add_argument("--batch", type=int, help="prompts per engine call")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--page-size", type=int)
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill call (TOVA / H2O apply their rule "
                                                      "once per chunk)")
+    p.add_argument("--chains", type=int, help="hyperscale sweeps: sampled chains per case (the largest W)")
+    p.add_argument("--temperature", type=float, help="hyperscale sweeps: sampling temperature")
+    p.add_argument("--top-p", type=float, help="hyperscale sweeps: nucleus sampling mass")
+    p.add_argument("--sample-seed", type=int, help="hyperscale sweeps: base sampling seed (case i uses seed + i)")
+    p.add_argument("--case-block", type=int, help="hyperscale sweeps: run cases in blocks of this many across all "
+                                                  "groups (a run stopped early is balanced)")
     p.add_argument("--dry-run", action="store_true", help="list the points to run and exit")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -110,10 +143,24 @@ def resolve_settings(args, parser) -> dict:
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     s["depths"] = _csv(args.depths, float) if args.depths else list(PASSKEY_DEPTHS)
+    s.setdefault("hyperscale", False)
+    for name in ("chains", "temperature", "top_p", "sample_seed", "case_block"):
+        if getattr(args, name) is not None:
+            if not s["hyperscale"]:
+                parser.error(f"--{name.replace('_', '-')} applies to the hyperscale sweeps only")
+            s[name] = getattr(args, name)
+    if s["hyperscale"]:
+        bad = [t for t in s["tasks"] if t not in HYPERSCALE_TASKS]
+        if bad:
+            parser.error(f"--tasks: {bad} not available in a hyperscale sweep; choose from {','.join(HYPERSCALE_TASKS)}")
+        if (s["chains"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1 or s["sample_seed"] < 0
+                or s.get("case_block", 1) is not None and s.get("case_block", 1) < 1):
+            parser.error("--chains must be >= 1, --temperature >= 0, --top-p in (0, 1], --sample-seed >= 0, "
+                         "--case-block >= 1")
     bad = [m for m in s["methods"] if m not in METHODS]
     if bad:
         parser.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
-    bad = [t for t in s["tasks"] if t not in TASKS]
+    bad = [t for t in s["tasks"] if t not in TASKS and not (s["hyperscale"] and t in HYPERSCALE_TASKS)]
     if bad:
         parser.error(f"--tasks: unknown {bad}; choose from {','.join(TASKS)}")
     if any(not r >= 1.0 for r in s["ratios"]):
@@ -127,6 +174,8 @@ def resolve_settings(args, parser) -> dict:
         parser.error("--heldout-len must be >= 2 and --lengths >= 16")
     s["dms_models"] = list(args.dms_model)
     s["dms_runs"] = list(args.dms_run)
+    s["dmc_models"] = list(args.dmc_model)
+    s["dms_milestones"] = _csv(args.dms_milestones, int) if args.dms_milestones else None
     return s
 
 
@@ -143,16 +192,19 @@ def machine_description() -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def tiny_random_model(tokenizer, seed: int = 0):
+def tiny_random_model(tokenizer, seed: int = 0, dmc: bool = False):
     """A 2-layer random Llama with the tokenizer's vocabulary and a DMS config (random decisions), for the smoke
-    sweep: it runs every method, its accuracy means nothing."""
-    from dms_jax.config import DMSConfig, ModelConfig
+    sweep: it runs every method, its accuracy means nothing. dmc=True: the same with a DMC config instead (merge
+    logit offset 0: the random merge neurons merge about half the tokens)."""
+    from dms_jax.config import DMCConfig, DMSConfig, ModelConfig
     from dms_jax.model import create_model
 
     eos = tokenizer.eos_token_id
     cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=4096,
                       eos_token_ids=(int(eos),) if eos is not None else ())
+    if dmc:
+        return create_model(cfg, dmc_cfg=DMCConfig(accumulation_window=4, logit_offset=0.0), seed=seed)
     return create_model(cfg, DMSConfig(window=16), seed=seed)
 
 
@@ -212,9 +264,30 @@ def dms_checkpoints(s: dict, base_model_path) -> list[tuple[str, str, dict, obje
         out.append((str(Path(path).resolve()), "dms", info, lambda p=p: weights.load_model(p)))
     for run in s["dms_runs"]:
         found = milestone_loaders(Path(run), base_model_path)
+        if s.get("dms_milestones") is not None:
+            steps = [info["step"] for _, info, _ in found]
+            missing = sorted(set(s["dms_milestones"]) - set(steps))
+            if missing:
+                raise SystemExit(f"--dms-milestones: {run} has no milestone(s) {missing}; it has {sorted(steps)}")
+            found = [f for f in found if f[1]["step"] in s["dms_milestones"]]
         if not found:
             raise SystemExit(f"--dms-run {run}: no milestone checkpoints yet")
         out += [(cid, f"dms ({Path(run).resolve().name})", info, loader) for cid, info, loader in found]
+    return out
+
+
+def dmc_checkpoints(s: dict) -> list[tuple[str, str, dict, object]]:
+    """As dms_checkpoints, for the --dmc-model exports (DMC: merge into the last slot)."""
+    from dms_jax import weights
+
+    out = []
+    for path in s.get("dmc_models", []):
+        p = weights.resolve_model_path(path)
+        cfg = weights.load_hf_config_dict(p)
+        if weights.dmc_config_from_hf(cfg) is None:
+            raise SystemExit(f"--dmc-model {path}: its config has no DMC settings (dmc_* fields)")
+        out.append((str(Path(path).resolve()), "dmc", {"target_cr": cfg.get("dmc_cr")},
+                    lambda p=p: weights.load_model(p)))
     return out
 
 
@@ -292,7 +365,7 @@ class Job:
         return d
 
 
-def plan_jobs(s: dict, dms_ckpts) -> list[Job]:
+def plan_jobs(s: dict, dms_ckpts, dmc_ckpts=()) -> list[Job]:
     jobs = []
     for task in s["tasks"]:
         lengths = [s["heldout_len"]] if task == "heldout" else s["lengths"][:TASK_MAX_LENGTHS.get(task, None)]
@@ -303,6 +376,10 @@ def plan_jobs(s: dict, dms_ckpts) -> list[Job]:
                 elif m == "dms":
                     for cid, series, info, loader in dms_ckpts:
                         jobs.append(Job("dms", task, length, None, checkpoint=cid, series=series, info=info,
+                                        loader=loader))
+                elif m == "dmc":
+                    for cid, series, info, loader in dmc_ckpts:
+                        jobs.append(Job("dmc", task, length, None, checkpoint=cid, series=series, info=info,
                                         loader=loader))
                 elif m == "quest" and task == "heldout":
                     continue  # dense prefill: teacher-forced scores equal vanilla's
@@ -328,7 +405,7 @@ class Runner:
         self._cases = {}
 
     def model_for(self, job: Job):
-        if job.method != "dms":
+        if job.method not in LEARNED:
             return self.base_model
         if job.checkpoint not in self._models:
             self._models.clear()  # one DMS model in memory at a time
@@ -338,9 +415,11 @@ class Runner:
     def engine(self, job: Job, model, prefill_chunk):
         from dms_jax.engine import Engine
 
-        kw = {} if job.method in ("vanilla", "dms") else {"budget": job.budget()}
+        kw = {} if job.method in ("vanilla",) + LEARNED else {"budget": job.budget()}
         if job.method == "dms" and model.dms_cfg is None:
             raise SystemExit(f"{job.checkpoint}: not a DMS model")
+        if job.method == "dmc" and model.dmc_cfg is None:
+            raise SystemExit(f"{job.checkpoint}: not a DMC model")
         return Engine(model, job.method, page_size=self.s["page_size"], prefill_chunk=prefill_chunk, **kw)
 
     def cases(self, task, length):
@@ -528,7 +607,7 @@ def _panel(p) -> str:
 def _fmt_ratio(p) -> str:
     if p["method"] in BASELINES:
         return f"{p['ratio']:g}"
-    return f"{p['measured_ratio']:.2f}" if p["method"] == "dms" else "1"
+    return f"{p['measured_ratio']:.2f}" if p["method"] in LEARNED else "1"
 
 
 def markdown_table(points) -> str:
@@ -559,8 +638,10 @@ def plot(points, png: Path, title: str):
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.2), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    markers = {"vanilla": "*", "dms": "D", "tova": "o", "h2o": "s", "streaming": "^", "quest": "v"}
+    # One colour per series (not per method): a DMS export and a run's milestones are different curves.
+    all_series = sorted({p.get("series") or p["method"] for p in points})
+    colors = {series: f"C{i % 10}" for i, series in enumerate(all_series)}
+    markers = {"vanilla": "*", "dms": "D", "dmc": "P", "tova": "o", "h2o": "s", "streaming": "^", "quest": "v"}
     for col, panel in enumerate(panels):
         pts = [p for p in points if _panel(p) == panel]
         heldout = pts[0]["task"] == "heldout"
@@ -575,11 +656,11 @@ def plot(points, png: Path, title: str):
                 x = [p[xkey] for p in sp]
                 if heldout:
                     y = [p["kl_to_vanilla"] for p in sp]
-                    ax.plot(x, y, marker=markers.get(m, "o"), color=colors.get(m), label=series)
+                    ax.plot(x, y, marker=markers.get(m, "o"), color=colors[series], label=series)
                 else:
                     y = [p["accuracy"] for p in sp]
                     err = [[p["accuracy"] - p["ci95"][0] for p in sp], [p["ci95"][1] - p["accuracy"] for p in sp]]
-                    ax.errorbar(x, y, yerr=err, marker=markers.get(m, "o"), color=colors.get(m), label=series,
+                    ax.errorbar(x, y, yerr=err, marker=markers.get(m, "o"), color=colors[series], label=series,
                                 capsize=3, markersize=8 if m == "vanilla" else 5)
                 for p in sp:
                     if p["method"] in BASELINES:
@@ -613,6 +694,276 @@ def write_outputs(out: Path, results: dict, plot_it: bool) -> str:
     if plot_it:
         plot(results["points"], out.with_suffix(".png"), f"Pareto: {results['model']}")
     return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference-time hyper-scaling: majority voting over W sampled chains at equal memory
+# ---------------------------------------------------------------------------------------------------------
+#
+# Per (method / checkpoint, task, length) "group" and per case: the prompt is prefilled once and forked into
+# ``chains`` chains (the engine shares the prompt's pages copy-on-write) that sample independently. The chains are
+# scored by majority vote over nested prefixes: W = 1, 2, 4, ..., chains uses the first W chains, so one run of
+# ``chains`` samples gives every point (``accuracy_blocks`` also averages the vote over the disjoint blocks of W
+# chains: same expectation, less variance). Memory is counted as the paper does, without prefix sharing: a point's
+# ``peak_tokens`` is the sum over its W chains of each chain's peak live (token, layer, KV head) entries, prompt
+# included; ``kv_reads`` the sum over its W chains of the decode steps' KV-cache token reads; both averaged over
+# the cases. ``cr`` is the measured ratio per chain (dense tokens / peak live tokens).
+
+
+def vote_widths(chains: int) -> list[int]:
+    """W = 1, 2, 4, ... up to ``chains`` (``chains`` itself included)."""
+    ws = [1]
+    while ws[-1] * 2 <= chains:
+        ws.append(ws[-1] * 2)
+    if ws[-1] != chains:
+        ws.append(chains)
+    return ws
+
+
+def _hashable(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+def nested_vote_scores(task: str, extracted, answer: str, ws) -> dict[int, float]:
+    """{W: score of the majority vote over the first W chains' extracted answers} (``tasks.score_answer``)."""
+    from dms_jax import tasks
+
+    ext = [_hashable(x) for x in extracted]
+    if max(ws) > len(ext):
+        raise ValueError(f"W up to {max(ws)} but only {len(ext)} chains")
+    return {w: tasks.score_answer(task, tasks.majority_vote(ext[:w]), answer) for w in ws}
+
+
+def block_vote_score(task: str, extracted, answer: str, w: int) -> float:
+    """Mean score of the majority votes over the disjoint blocks of ``w`` consecutive chains."""
+    from dms_jax import tasks
+
+    ext = [_hashable(x) for x in extracted]
+    n = len(ext) // w
+    if n == 0:
+        raise ValueError(f"W={w} but only {len(ext)} chains")
+    return sum(tasks.score_answer(task, tasks.majority_vote(ext[k * w:(k + 1) * w]), answer) for k in range(n)) / n
+
+
+def chains_total(per_chain, w: int) -> float:
+    """Memory / reads of W chains without prefix sharing: the sum of the first ``w`` chains' figures."""
+    if w > len(per_chain):
+        raise ValueError(f"W={w} but only {len(per_chain)} chains")
+    return float(sum(per_chain[:w]))
+
+
+def hyperscale_budget_pages(num_layers: int, num_kv_heads: int, prompt_tokens: int, chains: int,
+                            max_new_tokens: int, page_size: int) -> int:
+    """A page pool that holds one shared prompt and ``chains`` chains whatever they do: per (layer, KV head) the
+    prompt's pages, and per chain its new tokens' pages plus a copy-on-write copy of a shared page for every new
+    token (an evicting policy overwrites evicted prompt slots). Sized so, the pool never preempts, and it stays far
+    smaller than the engine's default (every chain keeping the model's whole context)."""
+    per_chain = -(-max_new_tokens // page_size) + 2 + max_new_tokens
+    return num_layers * num_kv_heads * (-(-prompt_tokens // page_size) + 1 + chains * per_chain)
+
+
+def hyperscale_settings(job: Job, s: dict) -> dict:
+    """The identity of a group (resuming): everything that determines its cases' samples, not the case count."""
+    d = {"mode": "hyperscale", "method": job.method, "task": job.task, "length": job.length, "ratio": job.ratio,
+         "budget": job.budget(), "model": s["model_id"], "checkpoint": job.checkpoint, "seed": TASK_SEEDS[job.task],
+         "page_size": s["page_size"], "prefill_chunk": s["prefill_chunk"], "max_new_tokens": s["max_new_tokens"],
+         "chains": s["chains"], "temperature": s["temperature"], "top_p": s["top_p"],
+         "sample_seed": s["sample_seed"]}
+    if job.task == "passkey":
+        d["depths"] = list(s["depths"])
+    return d
+
+
+def hyperscale_points(group: dict) -> list[dict]:
+    """The points (one per W) of a group from its recorded cases."""
+    import numpy as np
+
+    cases = sorted(group["cases"], key=lambda c: c["index"])
+    if not cases:
+        return []
+    task = group["task"]
+    n_chains = min(len(c["extracted"]) for c in cases)
+    lh = group.get("layer_heads") or 1
+    peak_chain = float(np.mean([x for c in cases for x in c["peak"]]))
+    cr = float(np.mean([x for c in cases for x in c["dense"]])) / max(peak_chain, 1e-9)
+    single = float(np.mean([x for c in cases for x in c["scores"][:n_chains]]))
+    points = []
+    for w in vote_widths(n_chains):
+        scores = [nested_vote_scores(task, c["extracted"], c["answer"], [w])[w] for c in cases]
+        blocks = [block_vote_score(task, c["extracted"][:n_chains], c["answer"], w) for c in cases]
+        interval, how = ci95(scores)
+        peak = float(np.mean([chains_total(c["peak"], w) for c in cases]))
+        points.append({
+            "method": group["method"], "series": group["series"], "task": task, "length": group["length"],
+            "checkpoint": group["checkpoint"], "ratio": group["settings"]["ratio"], "chains": w, "cr": cr,
+            "accuracy": float(np.mean(scores)), "ci95": interval, "ci_method": how,
+            "accuracy_blocks": float(np.mean(blocks)), "single_chain_accuracy": single, "cases": len(cases),
+            "peak_tokens": peak, "peak_tokens_per_head": peak / lh,
+            "kv_reads": float(np.mean([chains_total(c["reads"], w) for c in cases])),
+            "kv_reads_prefill": float(np.mean([c["prefill_reads"] for c in cases])),
+            "peak_tokens_shared": float(np.mean([c["pool_peak_tokens"] for c in cases])) if w == n_chains else None,
+            "prompt_tokens": float(np.mean([c["prompt_tokens"] for c in cases])),
+            "new_tokens": float(np.mean([x for c in cases for x in c["new_tokens"][:w]])),
+            "seconds_per_case": float(np.mean([c["seconds"] for c in cases])),
+            "settings": dict(group["settings"], voted=w),
+        })
+    return points
+
+
+def _hs_panel(p) -> str:
+    return f"{p['task']} {p['length']}"
+
+
+def hyperscale_table(points) -> str:
+    lines = ["| task | method | CR | W | accuracy (95% CI) | mean over disjoint W-blocks | peak tokens (W chains) | "
+             "KV reads (W chains) | cases |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in sorted(points, key=lambda p: (p["task"], p["length"], p["cr"], p.get("series") or "", p["chains"])):
+        lines.append(f"| {_hs_panel(p)} | {p.get('series') or p['method']} | {p['cr']:.2f} | {p['chains']} | "
+                     f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] | {p['accuracy_blocks']:.2f} | "
+                     f"{p['peak_tokens']:.4g} | {p['kv_reads']:.4g} | {p['cases']} |")
+    return "\n".join(lines) + "\n"
+
+
+def hyperscale_plot(points, png: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = sorted({_hs_panel(p) for p in points})
+    if not panels:
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7.6), squeeze=False)
+    series_all = sorted({p.get("series") or p["method"] for p in points})
+    colors = {name: f"C{i}" for i, name in enumerate(series_all)}
+    for col, panel in enumerate(panels):
+        pts = [p for p in points if _hs_panel(p) == panel]
+        for row, (xkey, xlabel) in enumerate([("peak_tokens", "peak KV tokens of the W chains (no prefix sharing)"),
+                                              ("kv_reads", "KV-cache token reads of the W chains (decode)")]):
+            ax = axes[row][col]
+            for name in sorted({p.get("series") or p["method"] for p in pts}):
+                sp = sorted((p for p in pts if (p.get("series") or p["method"]) == name), key=lambda p: p["chains"])
+                x = [p[xkey] for p in sp]
+                y = [p["accuracy"] for p in sp]
+                err = [[p["accuracy"] - p["ci95"][0] for p in sp], [p["ci95"][1] - p["accuracy"] for p in sp]]
+                label = f"{name} (CR {sp[0]['cr']:.1f})"
+                ax.errorbar(x, y, yerr=err, marker="o", color=colors[name], label=label, capsize=3, alpha=0.9)
+                for p in sp:
+                    ax.annotate(f"W={p['chains']}", (p[xkey], p["accuracy"]), fontsize=7, color=colors[name],
+                                textcoords="offset points", xytext=(3, -10))
+            if all(p[xkey] > 0 for p in pts):
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel("majority-vote accuracy")
+            ax.set_title(panel)
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(len(handles), 6),
+               fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_hyperscale_outputs(out: Path, results: dict, plot_it: bool) -> str:
+    table = hyperscale_table(results["points"])
+    with open(out.with_suffix(".md"), "w") as f:
+        f.write(f"Command: `{results['command']}`  \nModel: {results['model']}  \nMachine: {results['machine']}  \n"
+                f"Date: {results['date']}\n\n{table}")
+    if plot_it:
+        hyperscale_plot(results["points"], out.with_suffix(".png"),
+                        f"Majority voting at equal memory: {results['model'].split(' (')[0]}")
+    return table
+
+
+def run_hyperscale_case(eng, tok, case, index: int, task: str, s: dict) -> dict:
+    """One case: one prefill, ``chains`` sampled chains; per chain the extracted answer, its score and the cache
+    figures (JSON-ready)."""
+    from dms_jax import tasks
+    from dms_jax.generate import SamplingConfig
+
+    t0 = time.perf_counter()
+    res = eng.generate([list(case.prompt_ids)], max_new_tokens=s["max_new_tokens"], chains=s["chains"],
+                       sampling=SamplingConfig(temperature=s["temperature"], top_p=s["top_p"]),
+                       seed=s["sample_seed"] + index)
+    if res.preempted:
+        raise RuntimeError(f"case {index}: {len(res.preempted)} chains were preempted (the page pool was too "
+                           "small); the memory figures would be wrong")
+    texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in res.requests]
+    extract = tasks.TASKS[task].extract
+    extracted = [extract(t) for t in texts]
+    ms = [r.metrics for r in res.requests]
+    return {
+        "index": index, "answer": case.answer,
+        "extracted": [list(x) if isinstance(x, tuple) else x for x in extracted],
+        "scores": [float(tasks.score(case, t)) for t in texts],
+        "peak": [m.peak_live_tokens for m in ms], "reads": [m.kv_token_reads for m in ms],
+        "dense": [m.dense_tokens for m in ms], "new_tokens": [m.new_tokens for m in ms],
+        "prefill_reads": int(ms[0].kv_token_reads_prefill), "prompt_tokens": int(ms[0].prompt_tokens),
+        # With prefix sharing (what this engine really held): the pool's high water in tokens (pages x page size x
+        # nothing else: a page belongs to one layer and KV head).
+        "pool_peak_tokens": int(res.pool_high_water_pages) * res.page_size,
+        "text0": texts[0], "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_hyperscale_sweep(s, results, out: Path, jobs, runner, bar):
+    """Runs every group's missing cases (saving after each case) and rebuilds the points."""
+    from dms_jax.engine import Engine
+
+    groups = results.setdefault("groups", [])
+    by_key = {_key(g["settings"]): g for g in groups}
+
+    def rebuild_and_save():
+        results["points"] = [p for g in groups for p in hyperscale_points(g)]
+        save_results(out, results)
+
+    engines = {}
+    block = s.get("case_block") or s["cases"]
+    # Cases in blocks of ``case_block`` indices across all groups (block 0 of every group, then block 1, ...), so
+    # that a run stopped early still has every group at about the same number of cases.
+    for start in range(0, s["cases"], block):
+        for job in jobs:
+            settings = hyperscale_settings(job, s)
+            g = by_key.get(_key(settings))
+            done = {c["index"] for c in g["cases"]} if g else set()
+            todo = [i for i in range(start, min(start + block, s["cases"])) if i not in done]
+            if not todo:
+                continue
+            model = runner.model_for(job)
+            if job.method == "dms" and model.dms_cfg is None:
+                raise SystemExit(f"{job.checkpoint}: not a DMS model")
+            cases = runner.cases(job.task, job.length)
+            cfg = model.cfg
+            ek = (job.checkpoint, job.method, job.budget())
+            if ek not in engines or engines[ek].model is not model:
+                # One pool size for every task of a length class (prompts rounded up to 256 tokens): one compilation.
+                longest = max(c.num_tokens for c in cases)
+                budget = hyperscale_budget_pages(cfg.num_layers, cfg.num_kv_heads, -(-longest // 256) * 256,
+                                                 s["chains"], s["max_new_tokens"], s["page_size"])
+                kw = {"budget": job.budget()} if job.method in BASELINES else {}
+                engines[ek] = Engine(model, job.method, page_size=s["page_size"], prefill_chunk=s["prefill_chunk"],
+                                     budget_pages=budget, **kw)
+            eng = engines[ek]
+            if g is None:
+                g = {"method": job.method, "series": job.series, "task": job.task, "length": job.length,
+                     "checkpoint": job.checkpoint, "info": job.info,
+                     "layer_heads": cfg.num_layers * cfg.num_kv_heads, "settings": settings, "cases": []}
+                groups.append(g)
+                by_key[_key(settings)] = g
+            for i in todo:
+                bar.set_postfix_str(f"{job.series} {job.task} {job.length} case {i}")
+                g["cases"].append(run_hyperscale_case(eng, runner.tok, cases[i], i, job.task, s))
+                rebuild_and_save()
+                bar.update(1)
+    rebuild_and_save()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -656,9 +1007,17 @@ def main(argv=None) -> dict:
             dms_ckpts = dms_checkpoints(s, base_path)
             if not dms_ckpts:
                 print("note: no --dms-model / --dms-run given: no DMS points", file=sys.stderr)
-    jobs = plan_jobs(s, dms_ckpts)
-    out = Path(args.out)
+    dmc_ckpts = []
+    if "dmc" in s["methods"]:
+        if s["model"] == TINY and not s["dmc_models"]:
+            dmc_ckpts = [(f"{TINY}-dmc", "dmc", {"target_cr": None}, lambda: tiny_random_model(tok, dmc=True))]
+        else:
+            dmc_ckpts = dmc_checkpoints(s)
+    jobs = plan_jobs(s, dms_ckpts, dmc_ckpts)
+    out = Path(args.out or ("docs/results/hyperscale.json" if s["hyperscale"] else "docs/results/pareto.json"))
     results = load_results(out)
+    if s["hyperscale"]:
+        return _main_hyperscale(args, s, command, tok, base_path, model_name, jobs, out, results)
     done = {_key(p["settings"]) for p in results["points"] if "settings" in p}
     todo = [j for j in jobs if _key(j.settings(s)) not in done]
     print(f"{len(jobs)} points in the sweep, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run",
@@ -701,6 +1060,49 @@ def main(argv=None) -> dict:
     bar.close()
     save_results(out, results)
     table = write_outputs(out, results, not args.no_plot)
+    print(table)
+    return results
+
+
+def _main_hyperscale(args, s, command, tok, base_path, model_name, jobs, out, results) -> dict:
+    from tqdm import tqdm
+
+    from dms_jax import weights
+
+    recorded = {_key(g["settings"]): {c["index"] for c in g["cases"]} for g in results.get("groups", [])}
+    todo = {id(j): [i for i in range(s["cases"]) if i not in recorded.get(_key(hyperscale_settings(j, s)), set())]
+            for j in jobs}
+    n_todo = sum(len(v) for v in todo.values())
+    print(f"{len(jobs)} groups ({len(jobs) * s['cases']} cases x {s['chains']} chains) in the sweep, "
+          f"{len(jobs) * s['cases'] - n_todo} cases already in {out}, {n_todo} to run", file=sys.stderr)
+    if args.dry_run:
+        for j in jobs:
+            if todo[id(j)]:
+                print(json.dumps(dict(hyperscale_settings(j, s), cases=todo[id(j)])))
+        return results
+    base_model = None
+    if n_todo:
+        base_model = tiny_random_model(tok) if s["model"] == TINY else weights.load_model(base_path)
+        if s["model"] == TINY:
+            for j in jobs:
+                if j.method == "dms":
+                    j.loader = lambda m=base_model: m
+    bar = tqdm(total=n_todo, desc="hyperscale", unit="case", disable=args.no_progress, dynamic_ncols=True)
+    runner = Runner(s, base_model, tok, bar.update)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    made_by = {"command": command, "date": now}
+    if not n_todo and results.get("command"):
+        # Nothing to run (e.g. --cases 1 after a stopped run): rewrite the plot and table, keep who made the data.
+        made_by = {"command": results["command"], "date": results.get("date", now)}
+    results.update(**made_by, model=model_name, machine=machine_description(), sweep=s["sweep"],
+                   design=("per case: one prefill forked into `chains` chains sampled at `temperature`; a point with W "
+                           "chains scores the majority vote of the first W chains; peak_tokens / kv_reads sum the W "
+                           "chains' own figures (no prefix sharing), averaged over the cases"))
+    results.setdefault("points", [])
+    results.setdefault("runs", []).append({"command": command, "date": now, "cases": n_todo})
+    run_hyperscale_sweep(s, results, out, [j for j in jobs if todo[id(j)]], runner, bar)
+    bar.close()
+    table = write_hyperscale_outputs(out, results, not args.no_plot)
     print(table)
     return results
 

@@ -4,11 +4,12 @@
     python -m experiments.generate --prompt "Hi" --prompt "Tell me a joke" --temperature 0.7 --top-p 0.9
     python -m experiments.generate --model path/to/hf_dir --no-chat --prompt "The quick brown fox"
     python -m experiments.generate --model path/to/dms_checkpoint --dms --chains 4 --temperature 0.7 --prompt "Hi"
+    python -m experiments.generate --model path/to/dmc_checkpoint --dmc --prompt "Hi"
 
 All prompts run as one left-padded batch through a jit-compiled decode loop with a dense KV cache, or, with --dms,
---chains or --budget-pages, through the paged engine (dms_jax.engine: per-head pages, DMS eviction that frees
-memory, chains sharing the prompt's pages, a page budget). Prompts go through the model's chat template unless
---no-chat. The first call includes jit compilation; use --repeat 2 to also time a compiled run.
+--dmc, --chains or --budget-pages, through the paged engine (dms_jax.engine: per-head pages, DMS eviction or DMC
+merging that frees memory, chains sharing the prompt's pages, a page budget). Prompts go through the model's chat
+template unless --no-chat. The first call includes jit compilation; use --repeat 2 to also time a compiled run.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine = p.add_argument_group("paged engine (any of these flags selects it instead of the dense cache)")
     engine.add_argument("--dms", action="store_true",
                         help="evict with the model's learned DMS decisions (needs a checkpoint with DMS settings)")
+    engine.add_argument("--dmc", action="store_true",
+                        help="merge tokens with the model's learned DMC decisions (needs a checkpoint with DMC "
+                             "settings)")
     engine.add_argument("--chains", type=_positive_int, default=1,
                         help="parallel chains per prompt, sharing the prompt's prefill (copy-on-write pages)")
     engine.add_argument("--budget-pages", type=_positive_int, default=None,
@@ -98,14 +102,20 @@ def main(argv: list[str] | None = None) -> list[str]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
         stop.append(tokenizer.eos_token_id)
 
-    use_engine = args.dms or args.chains > 1 or args.budget_pages is not None
+    use_engine = args.dms or args.dmc or args.chains > 1 or args.budget_pages is not None
+    if args.dms and args.dmc:
+        parser.error("--dms and --dmc exclude each other (a model compresses with one of them)")
     if args.dms and model.dms_cfg is None:
         parser.error(f"--dms needs a model with DMS settings (a retrofitted checkpoint); "
+                     f"{args.model or 'the default model'} has none")
+    if args.dmc and model.dmc_cfg is None:
+        parser.error(f"--dmc needs a model with DMC settings (a DMC checkpoint); "
                      f"{args.model or 'the default model'} has none")
     if use_engine:
         from dms_jax.engine import Engine
 
-        engine = Engine(model, "dms" if args.dms else "vanilla", budget_pages=args.budget_pages)
+        policy = "dms" if args.dms else "dmc" if args.dmc else "vanilla"
+        engine = Engine(model, policy, budget_pages=args.budget_pages)
     notes = [""] * (len(prompts) * args.chains)
     for run in range(args.repeat):
         t0 = time.perf_counter()

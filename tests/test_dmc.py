@@ -157,6 +157,13 @@ def test_merge_logits_and_importance_match_numpy():
     chex.assert_type(dmc.merge_logits(jnp.asarray(k, jnp.bfloat16), 5.0), jnp.float32)
     with pytest.raises(ValueError, match="divide"):
         dmc.importance_weights(jnp.asarray(q), 4, 5.0)
+    # logit_scale s: s * k[d-1] - offset and sigmoid(s * mean q[d-1] + offset).
+    scaled = dmc.merge_logits(jnp.asarray(k), 5.0, 7.5)
+    np.testing.assert_allclose(np.asarray(scaled), 7.5 * (want_logits + 5.0) - 5.0, rtol=1e-5, atol=1e-5)
+    omega_scaled = dmc.importance_weights(jnp.asarray(q), hkv, 5.0, 0.25)
+    mean_q = q[..., d - 1].reshape(b, t, hkv, 3).mean(-1).transpose(0, 2, 1)
+    np.testing.assert_allclose(np.asarray(omega_scaled), np_sigmoid(0.25 * mean_q + 5.0) + 2.0 ** -7,
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_borrowed_neuron_scaling_and_decay_schedule():
@@ -315,9 +322,10 @@ def test_kv_stats_counts_slots():
 
 
 def test_dmc_config_validation():
-    assert DMCConfig() == DMCConfig(accumulation_window=12, tau=0.1, logit_offset=5.0)
+    assert DMCConfig() == DMCConfig(accumulation_window=12, tau=0.1, logit_offset=5.0, logit_scale=1.0)
     for kw, msg in [({"accumulation_window": 0}, "accumulation_window"), ({"accumulation_window": 2.5},
-                    "accumulation_window"), ({"tau": 0.0}, "tau"), ({"logit_offset": float("nan")}, "logit_offset")]:
+                    "accumulation_window"), ({"tau": 0.0}, "tau"), ({"logit_offset": float("nan")}, "logit_offset"),
+                    ({"logit_scale": 0.0}, "logit_scale"), ({"logit_scale": float("inf")}, "logit_scale")]:
         with pytest.raises(ValueError, match=msg):
             DMCConfig(**kw)
 

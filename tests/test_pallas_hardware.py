@@ -9,7 +9,7 @@ Mosaic's layout passes) and real memory behaviour. Run it on a GPU / TPU machine
 
 Tolerances: the decode reference is float64 numpy on the host. f32 inputs get 2e-3 relative because the
 accelerators' f32 matrix units may round the dot inputs (TF32 on NVIDIA, bf16 passes on TPU); bf16 gets 2e-2.
-The engine check compares the paged engine on the platform's kernel with the full-sequence hard-mode forward
+The engine checks (DMS and DMC) compare the paged engine on the platform's kernel with the full-sequence hard-mode forward
 (both on the device, matmuls at "highest" precision), fp32, 2e-3 relative.
 """
 
@@ -126,6 +126,36 @@ def test_engine_on_device_equals_hard_forward():
         conts = [list(map(int, rng.integers(3, 97, size=6))) for _ in range(2)]
         ref, _ = _hard_forward(model, [p + c for p, c in zip(prompts, conts)])
         eng = Engine(model, "dms", page_size=16, prefill_chunk=16, attention_backend=BACKEND)
+        spec = eng.make_spec(2, 64)
+        cache = eng.new_cache(spec)
+        _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)
+        for step in range(6):
+            out, cache, _ = eng.step(cache, spec, [conts[0][step], conts[1][step]])
+            for i in range(2):
+                assert _rel(np.asarray(out)[i], ref[i, len(prompts[i]) + step]) <= 2e-3, (i, step)
+
+
+def test_dmc_engine_on_device_equals_hard_forward():
+    """DMC (merge into the last slot) through the paged engine with the platform's kernel, as above."""
+    import dataclasses
+
+    from flax import nnx
+    from test_engine_dmc import CFG, WINDOW, _hard_forward, _rel
+
+    from dms_jax.config import DMCConfig
+    from dms_jax.engine import Engine
+    from dms_jax.model import create_model
+
+    with jax.default_matmul_precision("highest"):
+        cfg = dataclasses.replace(CFG, head_dim=16)  # Triton's dot needs 16+ along every dimension
+        model = create_model(cfg, dmc_cfg=DMCConfig(accumulation_window=WINDOW, logit_offset=0.3), seed=1)
+        nnx.update(model, jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, nnx.state(model, nnx.Param)))
+        rng = np.random.default_rng(5)
+        prompts = [list(map(int, rng.integers(3, 97, size=n))) for n in (37, 13)]
+        conts = [list(map(int, rng.integers(3, 97, size=6))) for _ in range(2)]
+        ref, dec = _hard_forward(model, [p + c for p, c in zip(prompts, conts)])
+        assert 0.2 < float(dec.mean()) < 0.8, "the tiny model should mix merges and appends"
+        eng = Engine(model, "dmc", page_size=16, prefill_chunk=16, attention_backend=BACKEND)
         spec = eng.make_spec(2, 64)
         cache = eng.new_cache(spec)
         _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)

@@ -161,6 +161,44 @@ def test_extract_number_and_majority_vote():
     assert tasks.majority_vote(tasks.extract_number(s) for s in samples) == "12"
 
 
+def test_arithmetic_behind_a_long_system_filler(tok):
+    short = tasks.make_arithmetic_cases(tok, 3, seed=5)
+    long = tasks.make_arithmetic_cases(tok, 3, seed=5, target_tokens=1024)
+    for s, c in zip(short, long):
+        assert abs(c.num_tokens - 1024) <= 8 and c.meta["n_filler"] > 100
+        assert c.answer == s.answer and c.meta["shots"] == s.meta["shots"]  # the same question and examples
+        text = tok.decode(c.prompt_ids)
+        assert text.startswith(f"<|im_start|>system\n{tasks.ARITHMETIC_BACKGROUND} The grass is green.")
+        # The question and its examples come after the filler, unchanged.
+        assert text.endswith(tok.decode(s.prompt_ids).split("<|im_end|>\n", 1)[1])
+    assert tasks.make_arithmetic_cases(tok, 3, seed=5, target_tokens=1024) == long
+    sys_case = tasks.make_arithmetic_cases(tok, 1, seed=5, target_tokens=600, system="Be brief.")[0]
+    assert tok.decode(sys_case.prompt_ids).startswith("<|im_start|>system\nBe brief.\n\nBackground text")
+    with pytest.raises(ValueError, match="target_tokens"):
+        tasks.make_arithmetic_cases(tok, 1, target_tokens=20)
+    with pytest.raises(ValueError, match="target_tokens"):
+        tasks.make_arithmetic_cases(tok, 1, target_tokens=0)
+
+
+def test_score_answer_scores_extracted_answers_like_texts():
+    samples = {
+        "passkey": ("12345", ["The pass key is 12345.", "It is 1234567", "12345 or 54321", "no"]),
+        "arithmetic": ("12", [" 12", "13", "the answer is 12.0", "x"]),
+        "variable_tracking": ("ABCDE FGHIJ", [" ABCDE FGHIJ", "FGHIJ, KLMNO", "VAR ABCDE = 3", "none", "ABCDEF"]),
+    }
+    for task, (answer, texts) in samples.items():
+        for text in texts:
+            got = tasks.score_answer(task, tasks.TASKS[task].extract(text), answer)
+            assert got == tasks.TASKS[task].score(text, answer), (task, text)
+        assert tasks.score_answer(task, None, answer) == 0.0
+    # A majority vote's winner scores like any extracted answer (variable tracking: the fraction named).
+    voted = tasks.majority_vote([("ABCDE",), ("ABCDE", "FGHIJ"), ("ABCDE",)])
+    assert tasks.score_answer("variable_tracking", voted, "ABCDE FGHIJ") == 0.5
+    assert tasks.score_answer("variable_tracking", ["ABCDE", "FGHIJ"], "ABCDE FGHIJ") == 1.0  # lists (from JSON)
+    with pytest.raises(ValueError, match="task"):
+        tasks.score_answer("nope", "1", "1")
+
+
 # ------------------------------------------------------------------------------------------------ registry + errors
 
 
