@@ -685,12 +685,19 @@ def plot(points, png: Path, title: str):
     plt.close(fig)
 
 
+def markdown_header(results: dict) -> str:
+    """Every command that added points to the file (a sweep resumes and grows over several runs), model, machine."""
+    runs = results.get("runs") or [{"command": results["command"], "date": results["date"]}]
+    commands = "".join(f"- `{r['command']}` ({r['date']})\n" for r in runs)
+    return (f"Commands, in the order they added points (a rerun skips the points already in the file):\n\n"
+            f"{commands}\nModel: {results['model']}  \nMachine: {results['machine']}  \nDate: {results['date']}\n")
+
+
 def write_outputs(out: Path, results: dict, plot_it: bool) -> str:
     table = markdown_table(results["points"])
     md = out.with_suffix(".md")
     with open(md, "w") as f:
-        f.write(f"Command: `{results['command']}`  \nModel: {results['model']}  \nMachine: {results['machine']}  \n"
-                f"Date: {results['date']}\n\n{table}")
+        f.write(f"{markdown_header(results)}\n{table}")
     if plot_it:
         plot(results["points"], out.with_suffix(".png"), f"Pareto: {results['model']}")
     return table
@@ -875,8 +882,7 @@ def hyperscale_plot(points, png: Path, title: str):
 def write_hyperscale_outputs(out: Path, results: dict, plot_it: bool) -> str:
     table = hyperscale_table(results["points"])
     with open(out.with_suffix(".md"), "w") as f:
-        f.write(f"Command: `{results['command']}`  \nModel: {results['model']}  \nMachine: {results['machine']}  \n"
-                f"Date: {results['date']}\n\n{table}")
+        f.write(f"{markdown_header(results)}\n{table}")
     if plot_it:
         hyperscale_plot(results["points"], out.with_suffix(".png"),
                         f"Majority voting at equal memory: {results['model'].split(' (')[0]}")
