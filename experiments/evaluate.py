@@ -286,7 +286,9 @@ def dmc_checkpoints(s: dict) -> list[tuple[str, str, dict, object]]:
         cfg = weights.load_hf_config_dict(p)
         if weights.dmc_config_from_hf(cfg) is None:
             raise SystemExit(f"--dmc-model {path}: its config has no DMC settings (dmc_* fields)")
-        out.append((str(Path(path).resolve()), "dmc", {"target_cr": cfg.get("dmc_cr")},
+        # One series per export (named by its directory): two exports of one run are different training budgets.
+        cid = str(Path(path).resolve())
+        out.append((cid, f"dmc ({Path(cid).name})", {"target_cr": cfg.get("dmc_cr")},
                     lambda p=p: weights.load_model(p)))
     return out
 
@@ -1043,9 +1045,10 @@ def main(argv=None) -> dict:
     total = sum(s["heldout_seqs"] if j.task == "heldout" else s["cases"] for j in todo)
     bar = tqdm(total=total, desc="evaluate", unit="case", disable=args.no_progress, dynamic_ncols=True)
     runner = Runner(s, base_model, tok, bar.update)
-    results.update(command=command, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   model=model_name, machine=machine_description(), sweep=s["sweep"])
-    results.setdefault("runs", []).append({"command": command, "date": results["date"], "points": len(todo)})
+    if todo or not results.get("command"):  # a rerun with nothing to do only rewrites the table and plot
+        results.update(command=command, model=model_name, machine=machine_description(), sweep=s["sweep"],
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        results.setdefault("runs", []).append({"command": command, "date": results["date"], "points": len(todo)})
 
     def record(job: Job, point: dict):
         settings = job.settings(s)

@@ -48,11 +48,13 @@ def test_smoke_sweep_writes_points_plot_and_table_and_resumes(tmp_path, capsys):
     assert by["dmc"]["measured_ratio"] > 1.0 and by["dmc"]["peak_tokens"] < by["vanilla"]["peak_tokens"]
     assert "| passkey 160 | tova | 4 |" in capsys.readouterr().out
 
-    # Resuming: every point is there already, nothing runs, the file keeps its points.
-    again = evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot"])
+    # Resuming: every point is there already, nothing runs, the file keeps its points and who made them.
+    made_by = (res["command"], res["date"], list(res["runs"]))
+    again = evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot", "--cases", "2"])
     assert [p["settings"] for p in again["points"]] == [p["settings"] for p in pts]
     assert [p["seconds"] for p in again["points"]] == [p["seconds"] for p in pts]
-    assert len(again["runs"]) == 2 and again["runs"][1]["points"] == 0
+    assert (again["command"], again["date"], again["runs"]) == made_by and len(made_by[2]) == 1
+    assert f"- `{res['command']}`" in out.with_suffix(".md").read_text()
 
 
 def test_heldout_task_and_a_new_ratio_is_added(tmp_path):
@@ -83,6 +85,7 @@ def test_dmc_export_is_evaluated_and_a_non_dmc_export_is_refused(tmp_path):
                          "--dmc-model", str(tmp_path / "dmc")])
     (p,) = res["points"]
     assert p["method"] == "dmc" and p["checkpoint"] == str((tmp_path / "dmc").resolve())
+    assert p["series"] == "dmc (dmc)"  # named by the export's directory
     assert p["measured_ratio"] > 1.0 and p["ratio"] == p["measured_ratio"]
     with pytest.raises(SystemExit, match="no DMC settings"):
         evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--methods", "dmc",
