@@ -5,6 +5,9 @@ live slots per head after every step equal the appends implied by the hard decis
 greedy and sampled generation equal generate_dmc (the dense merge cache) token for token; a worst-case page check
 preempts cleanly; configuration mismatches fail clearly.
 
+Marked slow, the same parity on a real DMC retrofit of the default model, named by the environment variable
+DMS_JAX_DMC_EXPORT (skipped when unset).
+
 The tiny model's weights are widened (as in tests/test_dmc.py) and DMCConfig(logit_offset=0.3) gives a mix of merges
 and appends, with segments longer than the window W = 4.
 """
@@ -144,6 +147,62 @@ def test_prefill_and_decode_equal_hard_forward(tiny, chunk):
     cache = eng.release(cache, spec, [0, 1, 2])
     assert kvc.check_invariants(cache, spec)["used_pages"] == 0
     assert not np.asarray(cache.policy_state["seg_len"]).any()  # the window state is cleared with the pages
+
+
+@pytest.mark.slow
+def test_retrofit_export_paged_equals_hard_forward():
+    """The same parity on a real DMC retrofit (``DMS_JAX_DMC_EXPORT``: a directory written by ``experiments.distill
+    --method dmc``, e.g. runs/distill/export): prompts of real text (about 10, 25 and 7 accumulation windows), 64-token
+    prefill chunks, the middle prompt forked into two chains, 8..24 teacher-forced decode steps; live slots per head
+    equal the appends of the hard decisions after the prompt and after every step."""
+    import os
+
+    path = os.environ.get("DMS_JAX_DMC_EXPORT")
+    if not path:
+        pytest.skip("set DMS_JAX_DMC_EXPORT to a DMC retrofit's export directory")
+    from dms_jax import weights
+    from dms_jax.data import builtin_documents
+
+    model = weights.load_model(path)
+    assert model.dmc_cfg is not None, f"{path} has no DMC settings in its config.json"
+    w = model.dmc_cfg.accumulation_window
+    tok = weights.load_tokenizer(path)
+    ids = []
+    for doc in builtin_documents():
+        ids += tok(doc)["input_ids"]
+        if len(ids) > 45 * w + 100:
+            break
+    cut = [0, 10 * w + 3, 35 * w + 8, 42 * w + 9]
+    prompts = [ids[a:b] for a, b in zip(cut, cut[1:])]
+    rest = ids[cut[-1]:]
+    owner = [0, 1, 1, 2]
+    conts = [rest[:8], rest[8:32], rest[32:48], rest[48:60]]
+    seqs = [prompts[o] + c for o, c in zip(owner, conts)]
+    ref, dec = _hard_forward(model, seqs)
+    frac = float(np.mean([dec[:, i, :, :len(s)].mean() for i, s in enumerate(seqs)]))
+
+    eng = Engine(model, "dmc", page_size=16, prefill_chunk=64)
+    spec = eng.make_spec(4, max(len(s) for s in seqs))
+    cache = eng.new_cache(spec)
+    logits, cache, failed, _ = eng.prefill(cache, spec, [0, 1, 3], prompts, all_logits=True)
+    assert not failed.any()
+    errs = [_rel(logits[i], ref[slot, :len(prompts[owner[slot]])]) for i, slot in enumerate([0, 1, 3])]
+    cache = eng.fork(cache, spec, [1], [2])
+    plen = [len(prompts[o]) for o in owner]
+    for s in range(4):
+        np.testing.assert_array_equal(np.asarray(cache.lengths)[:, s], _slots(dec[:, s], plen[s] - 1))
+    for step in range(max(len(c) for c in conts)):
+        active = np.array([step < len(c) for c in conts])
+        out, cache, pre = eng.step(cache, spec, [c[step] if a else 0 for c, a in zip(conts, active)], active)
+        assert not pre.any()
+        lengths = np.asarray(cache.lengths)
+        for s in np.flatnonzero(active):
+            errs.append(_rel(np.asarray(out)[s], ref[s, plen[s] + step]))
+            np.testing.assert_array_equal(lengths[:, s], _slots(dec[:, s], plen[s] + step))
+    print(f"{path}: accumulation window {w}, {frac:.1%} of the tokens merged, max relative logit error "
+          f"{max(errs):.2e}")
+    assert 0.05 < frac < 0.95, f"a real DMC retrofit should merge some tokens and append others, got {frac}"
+    assert max(errs) <= TOL, max(errs)
 
 
 def test_decode_parity_with_the_kernel_attention_path(tiny):
