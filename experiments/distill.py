@@ -103,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--cr-initial", type=float, default=1.0)
     p.add_argument("--cr-final", type=float)
     p.add_argument("--cr-final-step", type=int)
+    p.add_argument("--cr-loss-weight", type=float, default=1.0,
+                   help="weight of the compression hinge against the KL (default 1, as in the papers; > 1 follows "
+                        "the CR schedule more closely at a higher KL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 for data: all remaining devices)")
     p.add_argument("--checkpoint-every", type=int)
@@ -155,7 +158,7 @@ def validate(args):
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
         trainable=args.trainable, compute_dtype=args.compute_dtype, remat=not args.no_remat, seed=args.seed,
-        method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0)
+        method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0, cr_loss_weight=args.cr_loss_weight)
     mesh_sizes = parse_mesh(args.mesh)
     for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
         if getattr(args, name) < 0 or (name in ("checkpoint_every", "eval_seq_len") and getattr(args, name) < 1):
@@ -474,6 +477,7 @@ def main(argv=None) -> dict:
         "lr": train_cfg.lr,
         "trainable": train_cfg.trainable,
         "cr_schedule": [train_cfg.cr_initial, train_cfg.cr_final, train_cfg.schedule_final_step],
+        "cr_loss_weight": train_cfg.cr_loss_weight,
         "compute_dtype": train_cfg.compute_dtype,
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - started,

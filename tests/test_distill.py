@@ -49,6 +49,7 @@ INVALID = [
     (["--trainable", "layers.(0"], "trainable must be 'all', 'adapter' or a valid regex"),
     (["--steps", "0"], "steps must be >= 1"),
     (["--lr", "0"], "lr must be > 0"),
+    (["--cr-loss-weight", "-1"], "cr_loss_weight must be > 0"),
     (["--seq-len", "1"], "seq_len must be >= 2"),
     (["--checkpoint-every", "0"], "--checkpoint-every is out of range"),
     (["--num-processes", "2"], "--num-processes > 1 needs --coordinator"),

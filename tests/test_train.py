@@ -191,6 +191,24 @@ def test_adapter_variant_at_step_zero_is_the_teacher():
     assert float(m0["kl"]) == 0.0
 
 
+def test_cr_loss_weight_scales_the_hinge_only():
+    """loss = KL + w * hinge, with the logged KL and hinge unchanged by w; w <= 0 is refused."""
+    tokens, valid = batch(b=2, t=T)
+    tcfg = train.DistillConfig(trainable="all", compute_dtype="float32", remat=False, cr_final=4.0)
+    graphdef, params, frozen, teacher = train.split_model(tiny_model("adapter", window=4), tcfg)
+    loss_fn = jax.jit(train.distill_loss, static_argnums=(0, 8))
+    target = dms.target_eviction_fraction(4.0)  # 0.75: far above what the untrained decisions evict
+    key = jax.random.key(3)
+    loss1, m1 = loss_fn(graphdef, params, frozen, teacher, tokens, valid, key, target, False, None, 1.0)
+    loss3, m3 = loss_fn(graphdef, params, frozen, teacher, tokens, valid, key, target, False, None, 3.0)
+    assert float(m1["loss_cr"]) > 0.5
+    np.testing.assert_allclose([float(m3["kl"]), float(m3["loss_cr"])], [float(m1["kl"]), float(m1["loss_cr"])])
+    np.testing.assert_allclose(float(loss1), float(m1["kl"]) + float(m1["loss_cr"]), rtol=1e-6)
+    np.testing.assert_allclose(float(loss3), float(m1["kl"]) + 3.0 * float(m1["loss_cr"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="cr_loss_weight must be > 0"):
+        train.DistillConfig(cr_loss_weight=0.0)
+
+
 # ----------------------------------------------------------------------------------------------- trainable sets
 
 
