@@ -7,9 +7,8 @@ Workload: SmolLM2-135M-Instruct (fp32), a prompt of real text (the Python docume
 Python, dms_jax.data), W parallel chains sampled at temperature 1 from the prompt. Eviction pattern: *fixed
 decisions* (``FixedRatePolicy``), so that the ratio is the chosen one (the CPU retrofit reaches about 6, not 8):
 token j is kept iff j % CR == 0, others leave once they are ``window`` tokens old -- the cache a CR-``CR`` model
-with that window would hold. The
-model itself is not changed (the decisions do not depend on it), so memory and speed are what a retrofitted model
-with that compression would get.
+with that window would hold. The model itself is not changed (the decisions do not depend on it), so memory and
+speed are what a retrofitted model with that compression would get.
 
 For each (context, policy) the prompt is prefilled once by the engine (chunked) and that cache serves the W = 1
 run and, forked copy-on-write, the W = 8 run. Each chain generates ``--new-tokens`` tokens (256) in jitted segments

@@ -223,8 +223,8 @@ def split_model(model: CausalLM, cfg: DistillConfig):
 
 def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, target_fraction, remat,
                  neuron_scale=None, cr_loss_weight=1.0):
-    """KL + cr_loss_weight * hinge (the logged loss_cr is the unweighted hinge). neuron_scale (DMC stage one): the student runs uncompressed with its borrowed neurons scaled,
-    and the loss is the KL alone."""
+    """KL + cr_loss_weight * hinge (the logged loss_cr is the unweighted hinge). neuron_scale (DMC stage one): the
+    student runs uncompressed with its borrowed neurons scaled, and the loss is the KL alone."""
     student = nnx.merge(graphdef, params, frozen)
     teacher_model = nnx.merge(graphdef, teacher)
     t_logits, _ = teacher_model(tokens, valid=valid, dms_mode="off")

@@ -151,10 +151,11 @@ def test_prefill_and_decode_equal_hard_forward(tiny, chunk):
 
 @pytest.mark.slow
 def test_retrofit_export_paged_equals_hard_forward():
-    """The same parity on a real DMC retrofit (``DMS_JAX_DMC_EXPORT``: a directory written by ``experiments.distill
-    --method dmc``, e.g. runs/distill/export): prompts of real text (about 10, 25 and 7 accumulation windows), 64-token
-    prefill chunks, the middle prompt forked into two chains, 8..24 teacher-forced decode steps; live slots per head
-    equal the appends of the hard decisions after the prompt and after every step."""
+    """The same parity on a real DMC retrofit (``DMS_JAX_DMC_EXPORT``: a directory written by
+    ``experiments.distill --method dmc``, e.g. runs/distill/export): prompts of real text (about 10, 25 and 7
+    accumulation windows), 64-token prefill chunks, the middle prompt forked into two chains, 8..24 teacher-forced
+    decode steps; live slots per head equal the appends of the hard decisions after the prompt and after every
+    step."""
     import os
 
     path = os.environ.get("DMS_JAX_DMC_EXPORT")
