@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from dms_jax import cache as kvc  # noqa: E402
 from dms_jax import weights  # noqa: E402
+from dms_jax.data import builtin_text_ids  # noqa: E402
 from dms_jax.engine import Engine  # noqa: E402
 from dms_jax.generate import SamplingConfig  # noqa: E402
 
@@ -64,19 +65,6 @@ def loadavg() -> list[float]:
         return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
     except OSError:
         return []
-
-
-def real_text_prompt(tokenizer, n: int) -> list[int]:
-    from dms_jax.data import builtin_documents
-
-    ids: list[int] = []
-    for doc in builtin_documents():
-        ids.extend(tokenizer(doc)["input_ids"])
-        if len(ids) >= n:
-            break
-    if len(ids) < n:
-        raise RuntimeError(f"the built-in corpus has only {len(ids)} tokens")
-    return ids[:n]
 
 
 def read_bandwidth_gbps(mib: int = 512) -> float:
@@ -299,7 +287,7 @@ def main(argv=None):
             not_run += [{"context": ctx, "chains": w, "reason": "time budget"} for w in args.chains]
             continue
         n = min(ctx, cfg.max_position_embeddings - max_new)
-        prompt = (real_text_prompt(tokenizer, n) if tokenizer is not None
+        prompt = (builtin_text_ids(tokenizer, n) if tokenizer is not None
                   else np.random.default_rng(ctx).integers(100, cfg.vocab_size, n).tolist())
         lh = cfg.num_layers * cfg.num_kv_heads
         pages_per_head = -(-(n + max_new) // args.page_size)

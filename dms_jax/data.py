@@ -193,6 +193,19 @@ def builtin_documents(name: str = DEFAULT_SOURCE) -> list[str]:
     return list(_builtin_documents_cached(_SOURCE_ALIASES.get(name, name)))
 
 
+def builtin_text_ids(tokenizer, n: int, name: str = DEFAULT_SOURCE) -> list[int]:
+    """The first ``n`` token ids of a built-in corpus, its documents one after another (prompts of real text for
+    benchmarks and tests). Only as many documents as needed are tokenized."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ids: list[int] = []
+    for doc in builtin_documents(name):
+        ids.extend(tokenizer(doc)["input_ids"])
+        if len(ids) >= n:
+            return ids[:n]
+    raise ValueError(f"n: the built-in corpus {name!r} has only {len(ids)} tokens, asked for {n}")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------------

@@ -44,6 +44,20 @@ def test_builtin_corpora_are_real_deterministic_text():
     assert full[: len(unique)] == unique and len(full) > 2 * len(unique)  # + standard library docstrings
 
 
+def test_builtin_text_ids_are_the_corpus_prefix(tok):
+    docs = data.builtin_documents()
+    want = [i for d in docs[:3] for i in tok(d)["input_ids"]]
+    n = len(want) - 5  # ends inside the third document
+    ids = data.builtin_text_ids(tok, n)
+    assert len(ids) == n and ids == want[:n]
+    assert data.builtin_text_ids(tok, 7, "pydoc-topics") == tok(data.builtin_documents("pydoc-topics")[0])[
+        "input_ids"][:7]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        data.builtin_text_ids(tok, 0)
+    with pytest.raises(ValueError, match="has only"):  # a tokenizer that gives one id per document
+        data.builtin_text_ids(lambda doc: {"input_ids": [1]}, 10**7)
+
+
 # ------------------------------------------------------------------------------------------------ packing
 
 

@@ -86,6 +86,19 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
+def _teacher_forced_errors(eng, prompts, conts, ref, max_len):
+    """Prefill one sequence per prompt, then decode the continuations (all of one length) teacher-forced; the
+    relative logit error of every decode step against the full-sequence reference ref [B, T, V]."""
+    spec = eng.make_spec(len(prompts), max_len)
+    cache = eng.new_cache(spec)
+    _, cache, _, _ = eng.prefill(cache, spec, list(range(len(prompts))), prompts)
+    errs = []
+    for step in range(len(conts[0])):
+        out, cache, _ = eng.step(cache, spec, [c[step] for c in conts])
+        errs += [_rel(np.asarray(out)[i], ref[i, len(p) + step]) for i, p in enumerate(prompts)]
+    return errs
+
+
 # ------------------------------------------------------------------------------------------------ parity
 
 
@@ -184,13 +197,7 @@ def test_decode_parity_with_kernel_backends(tiny, backend):
     conts = [list(map(int, rng.integers(3, 97, size=4))) for _ in range(2)]
     ref, _ = _hard_forward(tiny, [p + c for p, c in zip(prompts, conts)])
     eng = Engine(tiny, "dms", page_size=PAGE, prefill_chunk=CHUNK, attention_backend=backend, interpret=True)
-    spec = eng.make_spec(2, 24)
-    cache = eng.new_cache(spec)
-    _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)
-    for step in range(4):
-        out, cache, _ = eng.step(cache, spec, [conts[0][step], conts[1][step]])
-        for i in range(2):
-            assert _rel(np.asarray(out)[i], ref[i, len(prompts[i]) + step]) <= TOL
+    assert max(_teacher_forced_errors(eng, prompts, conts, ref, 24)) <= TOL
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -523,17 +530,12 @@ def test_retrofit_export_paged_equals_hard_forward():
     if not path:
         pytest.skip("set DMS_JAX_RETROFIT_EXPORT to a retrofitted export directory")
     from dms_jax import weights
-    from dms_jax.data import builtin_documents
+    from dms_jax.data import builtin_text_ids
 
     model = weights.load_model(path)
     assert model.dms_cfg is not None, f"{path} has no DMS settings in its config.json"
     w = model.dms_cfg.window
-    tok = weights.load_tokenizer(path)
-    ids = []
-    for doc in builtin_documents():
-        ids += tok(doc)["input_ids"]
-        if len(ids) > 12 * w + 200:
-            break
+    ids = builtin_text_ids(weights.load_tokenizer(path), 12 * w + 200)
     prompts = [ids[:3 * w + 5], ids[3 * w + 5:8 * w + 18], ids[8 * w + 18:10 * w + 25]]
     rest = ids[10 * w + 25:]
     owner = [0, 1, 1, 2]

@@ -24,6 +24,7 @@ from dms_jax.config import DMCConfig, DMSConfig, ModelConfig
 from dms_jax.engine import Engine
 from dms_jax.generate import SamplingConfig, generate_dmc
 from dms_jax.model import create_model
+from test_engine import _hard_forward, _rel, _teacher_forced_errors
 
 WINDOW = 4
 PAGE = 4
@@ -45,27 +46,9 @@ def tiny():
     return _tiny_dmc_model()
 
 
-def _hard_forward(model, seqs):
-    """Full-sequence hard-mode reference (right-padded): logits [B, T, V], merge decisions [L, B, H, T]."""
-    t = max(len(s) for s in seqs)
-    tokens = np.zeros((len(seqs), t), np.int32)
-    valid = np.zeros((len(seqs), t), bool)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-        valid[i, :len(s)] = True
-    gd, state = nnx.split(model)
-    logits, aux = jax.jit(lambda st, tk, v: nnx.merge(gd, st)(tk, valid=v, dms_mode="hard"))(
-        state, jnp.asarray(tokens), jnp.asarray(valid))
-    return np.asarray(logits), np.asarray(aux["decisions"])
-
-
 def _slots(dec, t):
     """[L, H] slots after token t: one per appended token 0..t."""
     return (dec[:, :, :t + 1] < 0.5).sum(-1)
-
-
-def _rel(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
 def _longest_segment(dec):
@@ -162,17 +145,12 @@ def test_retrofit_export_paged_equals_hard_forward():
     if not path:
         pytest.skip("set DMS_JAX_DMC_EXPORT to a DMC retrofit's export directory")
     from dms_jax import weights
-    from dms_jax.data import builtin_documents
+    from dms_jax.data import builtin_text_ids
 
     model = weights.load_model(path)
     assert model.dmc_cfg is not None, f"{path} has no DMC settings in its config.json"
     w = model.dmc_cfg.accumulation_window
-    tok = weights.load_tokenizer(path)
-    ids = []
-    for doc in builtin_documents():
-        ids += tok(doc)["input_ids"]
-        if len(ids) > 45 * w + 100:
-            break
+    ids = builtin_text_ids(weights.load_tokenizer(path), 45 * w + 100)
     cut = [0, 10 * w + 3, 35 * w + 8, 42 * w + 9]
     prompts = [ids[a:b] for a, b in zip(cut, cut[1:])]
     rest = ids[cut[-1]:]
@@ -213,13 +191,7 @@ def test_decode_parity_with_the_kernel_attention_path(tiny):
     conts = [list(map(int, rng.integers(3, 97, size=5))) for _ in range(2)]
     ref, _ = _hard_forward(tiny, [p + c for p, c in zip(prompts, conts)])
     eng = Engine(tiny, "dmc", page_size=PAGE, prefill_chunk=8, attention_backend="xla")
-    spec = eng.make_spec(2, 24)
-    cache = eng.new_cache(spec)
-    _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)
-    errs = []
-    for step in range(5):
-        out, cache, _ = eng.step(cache, spec, [conts[0][step], conts[1][step]])
-        errs += [_rel(np.asarray(out)[i], ref[i, len(prompts[i]) + step]) for i in range(2)]
+    errs = _teacher_forced_errors(eng, prompts, conts, ref, 24)
     print(f"xla kernel path: max relative logit error {max(errs):.2e}")
     assert max(errs) <= TOL
 

@@ -115,7 +115,7 @@ def test_dms_flash_forward_and_grads_on_device(dtype, hard):
 
 def test_engine_on_device_equals_hard_forward():
     """The paged engine with the platform's kernel: prefill + decode == the hard-mode forward over the sequence."""
-    from test_engine import _hard_forward, _rel, _tiny_dms_model
+    from test_engine import _hard_forward, _teacher_forced_errors, _tiny_dms_model
 
     from dms_jax.engine import Engine
 
@@ -126,13 +126,7 @@ def test_engine_on_device_equals_hard_forward():
         conts = [list(map(int, rng.integers(3, 97, size=6))) for _ in range(2)]
         ref, _ = _hard_forward(model, [p + c for p, c in zip(prompts, conts)])
         eng = Engine(model, "dms", page_size=16, prefill_chunk=16, attention_backend=BACKEND)
-        spec = eng.make_spec(2, 64)
-        cache = eng.new_cache(spec)
-        _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)
-        for step in range(6):
-            out, cache, _ = eng.step(cache, spec, [conts[0][step], conts[1][step]])
-            for i in range(2):
-                assert _rel(np.asarray(out)[i], ref[i, len(prompts[i]) + step]) <= 2e-3, (i, step)
+        assert max(_teacher_forced_errors(eng, prompts, conts, ref, 64)) <= 2e-3
 
 
 def test_dmc_engine_on_device_equals_hard_forward():
@@ -140,7 +134,8 @@ def test_dmc_engine_on_device_equals_hard_forward():
     import dataclasses
 
     from flax import nnx
-    from test_engine_dmc import CFG, WINDOW, _hard_forward, _rel
+    from test_engine import _hard_forward, _teacher_forced_errors
+    from test_engine_dmc import CFG, WINDOW
 
     from dms_jax.config import DMCConfig
     from dms_jax.engine import Engine
@@ -156,10 +151,4 @@ def test_dmc_engine_on_device_equals_hard_forward():
         ref, dec = _hard_forward(model, [p + c for p, c in zip(prompts, conts)])
         assert 0.2 < float(dec.mean()) < 0.8, "the tiny model should mix merges and appends"
         eng = Engine(model, "dmc", page_size=16, prefill_chunk=16, attention_backend=BACKEND)
-        spec = eng.make_spec(2, 64)
-        cache = eng.new_cache(spec)
-        _, cache, _, _ = eng.prefill(cache, spec, [0, 1], prompts)
-        for step in range(6):
-            out, cache, _ = eng.step(cache, spec, [conts[0][step], conts[1][step]])
-            for i in range(2):
-                assert _rel(np.asarray(out)[i], ref[i, len(prompts[i]) + step]) <= 2e-3, (i, step)
+        assert max(_teacher_forced_errors(eng, prompts, conts, ref, 64)) <= 2e-3
