@@ -606,6 +606,16 @@ def _panel(p) -> str:
     return f"{p['task']} {p['length']}"
 
 
+def _series(p) -> str:
+    """A point's curve: its series (a DMS run's milestones, one DMC export), else its method."""
+    return p.get("series") or p["method"]
+
+
+def _series_colors(points) -> dict[str, str]:
+    """One colour per series (not per method): a DMS export and a run's milestones are different curves."""
+    return {name: f"C{i % 10}" for i, name in enumerate(sorted({_series(p) for p in points}))}
+
+
 def _fmt_ratio(p) -> str:
     if p["method"] in BASELINES:
         return f"{p['ratio']:g}"
@@ -622,7 +632,7 @@ def markdown_table(points) -> str:
             acc = f"ppl {p['ppl']:.2f}, KL {p['kl_to_vanilla']:.4f}"
         else:
             acc = f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
-        method = p.get("series") or p["method"]
+        method = _series(p)
         reads = f"{p['kv_reads']:.3g}" if p["task"] != "heldout" else f"{p['kv_reads_prefill']:.3g} (prefill)"
         lines.append(f"| {_panel(p)} | {method} | {_fmt_ratio(p)} | {acc} | {p['cases']} | {reads} | "
                      f"{p['peak_tokens_per_head']:.0f} | {p['seconds_per_case']:.1f} |")
@@ -640,9 +650,7 @@ def plot(points, png: Path, title: str):
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.2), squeeze=False)
-    # One colour per series (not per method): a DMS export and a run's milestones are different curves.
-    all_series = sorted({p.get("series") or p["method"] for p in points})
-    colors = {series: f"C{i % 10}" for i, series in enumerate(all_series)}
+    colors = _series_colors(points)
     markers = {"vanilla": "*", "dms": "D", "dmc": "P", "tova": "o", "h2o": "s", "streaming": "^", "quest": "v"}
     for col, panel in enumerate(panels):
         pts = [p for p in points if _panel(p) == panel]
@@ -652,8 +660,8 @@ def plot(points, png: Path, title: str):
             ax = axes[row][col]
             if heldout and xkey == "kv_reads":
                 xkey, xlabel = "kv_reads_prefill", "KV-cache token reads per sequence (prefill)"
-            for series in sorted({p.get("series") or p["method"] for p in pts}):
-                sp = sorted((p for p in pts if (p.get("series") or p["method"]) == series), key=lambda p: p[xkey])
+            for series in sorted({_series(p) for p in pts}):
+                sp = sorted((p for p in pts if _series(p) == series), key=lambda p: p[xkey])
                 m = sp[0]["method"]
                 x = [p[xkey] for p in sp]
                 if heldout:
@@ -819,15 +827,11 @@ def hyperscale_points(group: dict) -> list[dict]:
     return points
 
 
-def _hs_panel(p) -> str:
-    return f"{p['task']} {p['length']}"
-
-
 def hyperscale_table(points) -> str:
     lines = ["| task | method | CR | W | accuracy (95% CI) | mean over disjoint W-blocks | peak tokens (W chains) | "
              "KV reads (W chains) | cases |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in sorted(points, key=lambda p: (p["task"], p["length"], p["cr"], p.get("series") or "", p["chains"])):
-        lines.append(f"| {_hs_panel(p)} | {p.get('series') or p['method']} | {p['cr']:.2f} | {p['chains']} | "
+        lines.append(f"| {_panel(p)} | {_series(p)} | {p['cr']:.2f} | {p['chains']} | "
                      f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] | {p['accuracy_blocks']:.2f} | "
                      f"{p['peak_tokens']:.4g} | {p['kv_reads']:.4g} | {p['cases']} |")
     return "\n".join(lines) + "\n"
@@ -840,19 +844,18 @@ def hyperscale_plot(points, png: Path, title: str):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    panels = sorted({_hs_panel(p) for p in points})
+    panels = sorted({_panel(p) for p in points})
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7.6), squeeze=False)
-    series_all = sorted({p.get("series") or p["method"] for p in points})
-    colors = {name: f"C{i}" for i, name in enumerate(series_all)}
+    colors = _series_colors(points)
     for col, panel in enumerate(panels):
-        pts = [p for p in points if _hs_panel(p) == panel]
+        pts = [p for p in points if _panel(p) == panel]
         for row, (xkey, xlabel) in enumerate([("peak_tokens", "peak KV tokens of the W chains (no prefix sharing)"),
                                               ("kv_reads", "KV-cache token reads of the W chains (decode)")]):
             ax = axes[row][col]
-            for name in sorted({p.get("series") or p["method"] for p in pts}):
-                sp = sorted((p for p in pts if (p.get("series") or p["method"]) == name), key=lambda p: p["chains"])
+            for name in sorted({_series(p) for p in pts}):
+                sp = sorted((p for p in pts if _series(p) == name), key=lambda p: p["chains"])
                 x = [p[xkey] for p in sp]
                 y = [p["accuracy"] for p in sp]
                 err = [[p["accuracy"] - p["ci95"][0] for p in sp], [p["ci95"][1] - p["accuracy"] for p in sp]]
@@ -1100,15 +1103,15 @@ def _main_hyperscale(args, s, command, tok, base_path, model_name, jobs, out, re
     runner = Runner(s, base_model, tok, bar.update)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     made_by = {"command": command, "date": now}
-    if not n_todo and results.get("command"):
-        # Nothing to run (e.g. --cases 1 after a stopped run): rewrite the plot and table, keep who made the data.
+    if n_todo or not results.get("command"):
+        results.setdefault("runs", []).append({"command": command, "date": now, "cases": n_todo})
+    else:  # nothing to run (e.g. --cases 1 after a stopped run): rewrite the plot and table, keep who made the data
         made_by = {"command": results["command"], "date": results.get("date", now)}
     results.update(**made_by, model=model_name, machine=machine_description(), sweep=s["sweep"],
                    design=("per case: one prefill forked into `chains` chains sampled at `temperature`; a point with W "
                            "chains scores the majority vote of the first W chains; peak_tokens / kv_reads sum the W "
                            "chains' own figures (no prefix sharing), averaged over the cases"))
     results.setdefault("points", [])
-    results.setdefault("runs", []).append({"command": command, "date": now, "cases": n_todo})
     run_hyperscale_sweep(s, results, out, [j for j in jobs if todo[id(j)]], runner, bar)
     bar.close()
     table = write_hyperscale_outputs(out, results, not args.no_plot)

@@ -204,5 +204,8 @@ def test_hyperscale_smoke_end_to_end_and_resume(tmp_path, capsys):
     for g0, g1 in zip(res["groups"], again["groups"]):
         assert [c["index"] for c in g1["cases"]] == [0, 1] and g1["cases"][0] == g0["cases"][0]
     assert all(p["cases"] == 2 for p in again["points"])
+    # Nothing left to run: the file keeps who made it.
+    noop = evaluate.main(argv + ["--cases", "2", "--no-plot"])
+    assert (noop["command"], noop["date"], noop["runs"]) == (again["command"], again["date"], again["runs"])
     with pytest.raises(SystemExit):
         evaluate.main(argv + ["--tasks", "heldout"])
