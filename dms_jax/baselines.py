@@ -8,9 +8,10 @@ budget. With a compression ratio ``r`` (all tokens / kept tokens) over a context
 ``T / r`` (``budget_for_ratio``).
 
 * **TOVA** (Oren et al. 2024, "Transformers are Multi-State RNNs"): when a head is full, drop the token with the
-  lowest attention weight of the current query. With GQA the weight of a token for a KV head is the *mean* of the
-  softmax probabilities of the group's query heads (the paper's models have one query head per KV head, or
-  average over heads). The victim for step ``t`` is the argmin of step ``t - 1``'s probabilities (query ``t - 1``
+  lowest attention weight of the current query. ``scope="layer"`` (default, the paper's): the weight is the mean
+  of the softmax probabilities of *all* query heads of the layer, one kept set shared by its KV heads;
+  ``scope="group"``: the mean over each KV head's query group. ``prefill="prompt"`` (default, the paper's): the
+  prompt is encoded densely and reduced once after its last token; ``prefill="chunk"``: once per chunk (below). The victim for step ``t`` is the argmin of step ``t - 1``'s probabilities (query ``t - 1``
   over the head's ``budget`` slots, token ``t - 1`` included), chosen before token ``t`` is written into it: this
   is TOVA's "attend over the kept tokens plus the new one, then drop the argmin" with ``budget`` physical slots.
 * **H2O** (Zhang et al. 2023, "Heavy-Hitter Oracle"): keep the ``recent`` most recent tokens plus the ``heavy``
@@ -30,10 +31,13 @@ budget. With a compression ratio ``r`` (all tokens / kept tokens) over a context
   is the max over the group's query heads (a page is read when any of them may attend to it strongly), so every
   KV head reads exactly its budget. It saves reads, not memory: its ``kv_reads`` count the tokens of the selected
   pages plus one token-equivalent per live page for the min / max metadata (2 x D values, the size of one token's
-  K and V). All layers use it (the paper keeps the first two layers dense).
+  K and V). The first ``dense_layers`` layers (2, as in the paper) skip the selection and read every page.
 
 Prefill (how a prompt longer than the budget is brought within it):
 
+* TOVA with ``prefill="prompt"`` keeps every prompt token until the prompt ends, then ``finish_prefill`` keeps
+  the ``budget`` with the highest weights under the last prompt query (the same set however the prompt is
+  chunked). The rest of this item is TOVA with ``prefill="chunk"`` and H2O.
 * TOVA and H2O process the prompt chunk by chunk (``Engine(prefill_chunk=...)``) and apply their rule at the end
   of every chunk: the chunk's queries attend to the head's cached slots plus the chunk (causally), an extra score
   pass computes those queries' probabilities, and of the cached tokens and the chunk's tokens the policy keeps
@@ -176,8 +180,8 @@ class _ScoredPolicy(kvc.EvictionPolicy):
         probs = jnp.pad(probs, ((0, 0), (0, 0), (0, w - wp * ps)))
         fresh = jnp.arange(w)[None, None, :] == target[..., None]
         act = active[:, None, None]
-        return {"score": jnp.where(act, self._decode_score(score, probs, fresh), score),
-                "pos": jnp.where(act & fresh, positions[:, None, None], pos)}
+        return dict(state, score=jnp.where(act, self._decode_score(score, probs, fresh), score),
+                    pos=jnp.where(act & fresh, positions[:, None, None], pos))
 
     def prefill_plan(self, state, *, q, k, chunk_vis, k_pages, block_tables, lengths, ring_slot, ring_dec,
                      num_tokens, n_valid, page_size):
@@ -213,25 +217,154 @@ class _ScoredPolicy(kvc.EvictionPolicy):
         score2 = new_score[..., :w].at[bi, hi, col].set(new_score[..., w:], mode="drop")
         pos2 = pos.at[bi, hi, col].set(pos_chunk, mode="drop")
         has = (n_valid > 0)[:, None, None]
-        return plan, {"score": jnp.where(has, score2, score), "pos": jnp.where(has, pos2, pos)}
+        return plan, dict(state, score=jnp.where(has, score2, score), pos=jnp.where(has, pos2, pos))
 
     def describe(self) -> dict:
         return {"policy": self.name, "budget": int(self.budget)}
 
 
+TOVA_SCOPES = ("layer", "group")
+TOVA_PREFILLS = ("prompt", "chunk")
+
+
+def _check_choice(name, v, allowed):
+    if v not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {v!r}")
+
+
+def _top_budget_slots(score: Array, lengths: Array, budget: int, width: int) -> tuple[Array, Array]:
+    """The ``min(budget, length)`` live slots with the highest ``score`` ``[..., T]``, as (slot of the j-th kept
+    token in slot order ``[..., width]``, j < kept ``[..., width]``)."""
+    t = score.shape[-1]
+    live = jnp.arange(t) < lengths[..., None]
+    keep = live & (_rank_desc(jnp.where(live, score, -jnp.inf)) < budget)
+    src = jnp.argsort(~keep, axis=-1, stable=True)[..., :width].astype(jnp.int32)  # kept slots first, in order
+    return src, jnp.arange(width) < jnp.sum(keep, axis=-1, dtype=jnp.int32)[..., None]
+
+
+def _compact_heads(cache: kvc.PagedCache, slots: Array, src: Array, valid: Array, page_size: int):
+    """Moves the tokens of slots ``src`` ``[L, B, H, W]`` of sequences ``slots`` to slots ``0 .. W-1`` (where
+    ``valid``) and frees the pages left beyond. ``src`` is increasing, so a move never overwrites a token that is
+    still to move; all reads happen before the writes anyway. The heads' pages are not shared (fresh prompt)."""
+    tables = cache.block_tables[:, slots]  # [L, B, H, M]
+    w = src.shape[-1]
+    src_page = jnp.take_along_axis(tables, src // page_size, axis=-1)
+    k = cache.k_pages[src_page, src % page_size]
+    v = cache.v_pages[src_page, src % page_size]
+    dst = jnp.broadcast_to(jnp.arange(w), src.shape)
+    dst_page = jnp.where(valid, jnp.take_along_axis(tables, dst // page_size, axis=-1), kvc.SINK_PAGE)
+    k_pages, v_pages = kvc.write_kv(cache.k_pages, cache.v_pages, dst_page, jnp.where(valid, dst % page_size, 0),
+                                    k, v)
+    old_len = cache.lengths[:, slots]
+    new_len = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    j = jnp.arange(tables.shape[-1])
+    drop = (j >= kvc.pages_for(new_len, page_size)[..., None]) & (j < kvc.pages_for(old_len, page_size)[..., None])
+    refcount = cache.refcount.at[tables.reshape(-1)].add(-drop.reshape(-1).astype(jnp.int32))
+    # The ring is unused by score-based policies (no decisions); slot 0 keeps its entries below the length.
+    return cache.replace(
+        k_pages=k_pages, v_pages=v_pages, refcount=refcount.at[kvc.SINK_PAGE].set(1),
+        block_tables=cache.block_tables.at[:, slots].set(jnp.where(drop, kvc.SINK_PAGE, tables)),
+        lengths=cache.lengths.at[:, slots].set(new_len),
+        ring_slot=cache.ring_slot.at[:, slots].set(0), ring_dec=cache.ring_dec.at[:, slots].set(False))
+
+
 @dataclasses.dataclass(frozen=True)
 class TOVAPolicy(_ScoredPolicy):
-    """TOVA: evict the slot with the lowest attention probability of the latest query (group mean for GQA)."""
+    """TOVA: evict the slot with the lowest attention probability of the latest query.
+
+    ``scope="layer"`` (the paper's): the weight of a token is the mean over *all* query heads of the layer, so one
+    kept set per layer, shared by its KV heads (their slots hold the same tokens in the same order, since every
+    head of the layer makes the same choices). ``scope="group"``: the mean over each KV head's query group, a
+    kept set per KV head.
+
+    ``prefill="prompt"`` (the paper's): the prompt is encoded densely and reduced once after its last token, to
+    the ``budget`` tokens with the highest weights under the last prompt query (``finish_prefill``); each chunk
+    only records that chunk's last query's weights over the whole prompt so far (``prompt_score`` ``[L, S, H,
+    max tokens]``), so chunked and unchunked prefill keep the same set. ``prefill="chunk"``: the rule at the end of
+    every chunk, the cache never above the budget (see the module docstring)."""
 
     name: ClassVar[str] = "tova"
+    scope: str = "layer"
+    prefill: str = "prompt"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("scope", self.scope, TOVA_SCOPES)
+        _check_choice("prefill", self.prefill, TOVA_PREFILLS)
+
+    def init_state(self, spec):
+        state = super().init_state(spec)
+        if self.prefill == "prompt":
+            t = spec.max_pages_per_head * spec.page_size
+            state["prompt_score"] = jnp.zeros(state["score"].shape[:3] + (t,), jnp.float32)
+        return state
+
+    def _pool_heads(self, probs):
+        """Weights ``[B, H, ...]`` -> the layer mean over the KV heads (``scope="layer"``; with equal groups that
+        is the mean over all query heads), broadcast back to every KV head."""
+        if self.scope == "group":
+            return probs
+        return jnp.broadcast_to(jnp.mean(probs, axis=1, keepdims=True), probs.shape)
 
     def _decode_score(self, score, probs, fresh):
-        return probs
+        return self._pool_heads(probs)
 
     def _prefill_scores(self, score, probs, qvalid, n_valid):
         last = jnp.maximum(n_valid - 1, 0)[:, None, None, None]  # the chunk's last valid query
-        return jnp.take_along_axis(probs, jnp.broadcast_to(last, probs.shape[:2] + (1, probs.shape[-1])),
-                                   axis=2)[:, :, 0]
+        last_probs = jnp.take_along_axis(probs, jnp.broadcast_to(last, probs.shape[:2] + (1, probs.shape[-1])),
+                                         axis=2)[:, :, 0]
+        return self._pool_heads(last_probs)
+
+    def prefill_plan(self, state, *, q, k, chunk_vis, k_pages, block_tables, lengths, ring_slot, ring_dec,
+                     num_tokens, n_valid, page_size):
+        if self.prefill == "chunk":
+            return super().prefill_plan(state, q=q, k=k, chunk_vis=chunk_vis, k_pages=k_pages,
+                                        block_tables=block_tables, lengths=lengths, ring_slot=ring_slot,
+                                        ring_dec=ring_dec, num_tokens=num_tokens, n_valid=n_valid,
+                                        page_size=page_size)
+        # Nothing is evicted before the prompt's end (the ring's plan appends every token: no decisions).
+        return None, self._note_prompt_scores(state, q, k, k_pages, block_tables, lengths, n_valid, page_size)
+
+    def _note_prompt_scores(self, state, q, k, k_pages, block_tables, lengths, n_valid, page_size):
+        """``prompt_score`` after a chunk: the weights of the chunk's last valid query over every prompt token so
+        far (cached + the chunk), per slot; the chunk's token i lands in slot ``lengths + i``."""
+        b, c, hq, d = q.shape
+        hkv = k.shape[2]
+        t = state["prompt_score"].shape[-1]
+        last = jnp.maximum(n_valid - 1, 0)[:, None, None, None]
+        q_last = jnp.take_along_axis(q, last, axis=1)[:, 0].reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+        keys = gather_keys(k_pages, block_tables, t // page_size).astype(jnp.float32)  # [B, H, T, D]
+        s = jnp.concatenate([jnp.einsum("bhgd,bhtd->bhgt", q_last, keys),
+                             jnp.einsum("bhgd,bchd->bhgc", q_last, k.astype(jnp.float32))], axis=-1)
+        in_chunk = jnp.arange(c)[None, :] < n_valid[:, None]  # [B, C]: the last query sees the whole chunk
+        valid = jnp.concatenate([jnp.arange(t)[None, None, :] < lengths[..., None],
+                                 jnp.broadcast_to(in_chunk[:, None, :], (b, hkv, c))], axis=-1)
+        probs = self._pool_heads(group_probs(s / math.sqrt(d), valid[:, :, None, :]))  # [B, H, T + C]
+        col = jnp.where(in_chunk[:, None, :], lengths[..., None] + jnp.arange(c), t)
+        bi = jnp.arange(b)[:, None, None]
+        hi = jnp.arange(hkv)[None, :, None]
+        score = probs[..., :t].at[bi, hi, col].set(probs[..., t:], mode="drop")
+        has = (n_valid > 0)[:, None, None]
+        return dict(state, prompt_score=jnp.where(has, score, state["prompt_score"]))
+
+    def finish_prefill(self, cache, slots, spec):
+        """The paper's prompt reduction: each head keeps the ``budget`` prompt tokens with the highest weights
+        under the last prompt query, compacted to slots ``0 .. budget-1``; their weights become the decode
+        scores (the first decode step's victim is their argmin)."""
+        if self.prefill == "chunk":
+            return cache
+        st = cache.policy_state
+        prompt = st["prompt_score"][:, slots]
+        w = st["score"].shape[-1]
+        src, valid = _top_budget_slots(prompt, cache.lengths[:, slots], self.budget, w)
+        cache = _compact_heads(cache, slots, src, valid, spec.page_size)
+        # A fresh prompt has slot == position (nothing was evicted before its end).
+        score = jnp.where(valid, jnp.take_along_axis(prompt, src, axis=-1), 0.0)
+        return cache.replace(policy_state=dict(st, score=st["score"].at[:, slots].set(score),
+                                               pos=st["pos"].at[:, slots].set(jnp.where(valid, src, 0))))
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "budget": int(self.budget), "scope": self.scope, "prefill": self.prefill}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,14 +469,25 @@ def quest_select(bounds: Array, lengths: Array, page_size: int, top_pages: int) 
 class QuestPolicy(kvc.EvictionPolicy):
     """Quest: no eviction; each decode query reads the ``budget // page_size`` pages with the highest key-bound
     plus the current page. State: ``kmin`` / ``kmax`` ``[L, S, H, M, D]`` per logical page, ``reads`` ``[L, S,
-    H]`` the last step's token reads (selected tokens + metadata)."""
+    H]`` the last step's token reads (selected tokens + metadata), ``dense`` ``[L, S]`` whether the layer reads
+    every page.
+
+    ``dense_layers``: the first layers that skip page selection and read densely (the paper keeps 2; 0: every
+    layer selects). The engine's layer loop does not tell a hook its layer index, so the layer's flag lives in
+    the state (``dense``), stamped per row by ``init_state`` and again by ``finish_prefill``: releasing a slot
+    zeroes its rows, and a slot is always prefilled before it decodes."""
 
     name: ClassVar[str] = "quest"
     budget: int = 256
+    dense_layers: int = 2
 
     def __post_init__(self):
         super().__post_init__()
         _check_int("budget", self.budget, 1)
+        _check_int("dense_layers", self.dense_layers, 0)
+
+    def _dense_rows(self, num_layers: int, rows: int) -> Array:
+        return jnp.broadcast_to((jnp.arange(num_layers) < self.dense_layers)[:, None], (num_layers, rows))
 
     def decisions(self, logits, positions, num_kv_heads):
         b, t = positions.shape
@@ -353,7 +497,13 @@ class QuestPolicy(kvc.EvictionPolicy):
         lsh = (spec.num_layers, spec.max_seqs, spec.num_kv_heads)
         m = spec.max_pages_per_head
         return {"kmin": jnp.zeros(lsh + (m, spec.head_dim), jnp.float32),
-                "kmax": jnp.zeros(lsh + (m, spec.head_dim), jnp.float32), "reads": jnp.zeros(lsh, jnp.int32)}
+                "kmax": jnp.zeros(lsh + (m, spec.head_dim), jnp.float32), "reads": jnp.zeros(lsh, jnp.int32),
+                "dense": self._dense_rows(spec.num_layers, spec.max_seqs)}
+
+    def finish_prefill(self, cache, slots, spec):
+        st = cache.policy_state
+        return cache.replace(policy_state=dict(st, dense=st["dense"].at[:, slots].set(
+            self._dense_rows(spec.num_layers, slots.shape[0]))))
 
     def prefill_plan(self, state, *, q, k, chunk_vis, k_pages, block_tables, lengths, ring_slot, ring_dec,
                      num_tokens, n_valid, page_size):
@@ -380,6 +530,8 @@ class QuestPolicy(kvc.EvictionPolicy):
             raise ValueError("Quest's page_mask needs the cache's page_size")
         sel = quest_select(quest_page_bounds(q, state["kmin"], state["kmax"]), lengths, page_size,
                            self.budget // page_size)
+        live = jnp.arange(sel.shape[-1]) < kvc.pages_for(lengths, page_size)[..., None]
+        sel = jnp.where(state["dense"][:, None, None], live, sel)  # a dense layer reads every live page
         return sel[..., :block_tables.shape[-1]]
 
     def observe_decode(self, state, *, q, k_new, k_pages, block_tables, lengths, target, positions, active,
@@ -400,15 +552,16 @@ class QuestPolicy(kvc.EvictionPolicy):
         n_pages = kvc.pages_for(lengths, ps)
         wm = page_mask.shape[-1]
         tokens_in_page = jnp.clip(lengths[..., None] - jnp.arange(wm) * ps, 0, ps)
-        reads = jnp.sum(jnp.where(page_mask, tokens_in_page, 0), axis=-1, dtype=jnp.int32) + n_pages
-        return {"kmin": kmin.at[si, hi, pi].set(new_min), "kmax": kmax.at[si, hi, pi].set(new_max),
-                "reads": jnp.where(active[:, None], reads, 0)}
+        meta = jnp.where(state["dense"][:, None], 0, n_pages)  # a dense layer reads no min / max metadata
+        reads = jnp.sum(jnp.where(page_mask, tokens_in_page, 0), axis=-1, dtype=jnp.int32) + meta
+        return dict(state, kmin=kmin.at[si, hi, pi].set(new_min), kmax=kmax.at[si, hi, pi].set(new_max),
+                    reads=jnp.where(active[:, None], reads, 0))
 
     def decode_reads(self, cache):
         return jnp.sum(cache.policy_state["reads"], axis=(0, 2), dtype=jnp.int32)
 
     def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget)}
+        return {"policy": self.name, "budget": int(self.budget), "dense_layers": int(self.dense_layers)}
 
 
 BASELINES = {"tova": TOVAPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy, "quest": QuestPolicy}

@@ -201,6 +201,8 @@ class EvictionPolicy:
     * ``prefill_plan(state, ...)`` (per layer and chunk): optionally its own ``ChunkPlan`` -- which cached slots
       to free and which chunk tokens to keep (TOVA / H2O keep the cache within their budget during prefill) --
       and the layer's updated state. Default: (None, state): the ring's plan (``plan_chunk``).
+    * ``finish_prefill(cache, slots, spec)`` (once after a prefill's last chunk): the cache reduced as the policy
+      wants (TOVA keeps the prompt's top-``budget`` tokens). Default: unchanged.
     * ``decode_reads(cache)``: ``[S]`` KV token reads of the last decode step (default: the live tokens).
 
     ``uses_model_decisions`` says whether the model computes DMS logits (and zeroes its borrowed query neuron):
@@ -250,6 +252,11 @@ class EvictionPolicy:
         D]`` (RoPE applied), chunk_vis ``[B, Hkv, C, C]``, block_tables ``[B, Hkv, M]``, lengths ``[B, Hkv]`` (before
         the chunk), num_tokens / n_valid ``[B]``."""
         return None, state
+
+    def finish_prefill(self, cache: "PagedCache", slots: Array, spec: "CacheSpec") -> "PagedCache":
+        """The cache after the last prefill chunk of the prompts in sequence slots ``slots`` ``[B]`` (TOVA reduces
+        the whole prompt here). Default: unchanged."""
+        return cache
 
     def decode_reads(self, cache: "PagedCache") -> Array:
         return jnp.sum(cache.lengths, axis=(0, 2), dtype=jnp.int32)

@@ -562,11 +562,16 @@ def build_dataset(
     pad_id: int | None = None,
     recall_fraction: float = 0.0,
     recall_seed: int = 0,
+    synthetic_kind: str = "recall",
+    window: int = 64,
 ) -> Dataset:
     """Load ``source``, split held-out documents off, tokenise and pack both splits into ``seq_len`` rows.
 
     The held-out split is taken before packing, at the document level (``split_documents``), so held-out
-    text never reaches a training row.  ``eos_id`` defaults to the tokenizer's EOS, ``pad_id`` to its pad
+    text never reaches a training row.  ``recall_fraction`` of the training rows are synthetic:
+    ``synthetic_kind="recall"`` (``make_recall_rows``, one wording) or ``"longrange"``
+    (``synthetic_rows.make_longrange_rows``: facts and variable chains in many wordings, each at least
+    ``2 * window`` tokens before its question).  ``eos_id`` defaults to the tokenizer's EOS, ``pad_id`` to its pad
     token or else EOS.
     """
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
@@ -577,6 +582,8 @@ def build_dataset(
         raise ValueError(f"heldout_fraction: must be in [0, 1), got {heldout_fraction!r}")
     if not 0.0 <= recall_fraction < 1.0:
         raise ValueError(f"recall_fraction: must be in [0, 1), got {recall_fraction!r}")
+    if synthetic_kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"synthetic_kind: must be one of {SYNTHETIC_KINDS}, got {synthetic_kind!r}")
     eos = eos_id if eos_id is not None else _special_id(tokenizer, "eos_token_id")
     if eos is None:
         raise ValueError("eos_id: the tokenizer has no EOS token; pass eos_id explicitly")
@@ -596,7 +603,13 @@ def build_dataset(
     num_recall = int(round(recall_fraction / (1.0 - recall_fraction) * len(train)))
     if num_recall:
         # Appended after packing, so every recall row is whole; the epoch permutation mixes them in.
-        train = _concat_rows(train, make_recall_rows(tokenizer, train_tokens, seq_len, num_recall, recall_seed))
+        if synthetic_kind == "recall":
+            rows = make_recall_rows(tokenizer, train_tokens, seq_len, num_recall, recall_seed)
+        else:
+            from dms_jax.synthetic_rows import make_longrange_rows
+
+            rows = make_longrange_rows(tokenizer, train_docs, seq_len, num_recall, recall_seed, window)
+        train = _concat_rows(train, rows)
     heldout = pack_tokens(tokenize_documents(heldout_docs, tokenizer, add_bos=add_bos), seq_len,
                           eos_id=eos, pad_id=pad, last=last)
     if len(train) == 0:
@@ -616,6 +629,7 @@ def build_dataset(
         "train_rows": len(train),
         "recall_rows": num_recall,
         "recall_fraction": float(recall_fraction),
+        "synthetic_kind": synthetic_kind,
         "heldout_rows": len(heldout),
         "train_tokens": train.num_tokens,
         "heldout_tokens": heldout.num_tokens,
@@ -632,6 +646,7 @@ def build_dataset(
 # Synthetic recall rows (see the module docstring)
 # --------------------------------------------------------------------------------------------------------
 
+SYNTHETIC_KINDS = ("recall", "longrange")
 _RECALL_COLORS = ("red", "blue", "green", "yellow", "black", "white", "silver", "golden", "purple", "orange",
                   "brown", "grey", "pink", "violet", "copper", "amber")
 _RECALL_OBJECTS = ("lantern", "bicycle", "teapot", "compass", "ladder", "violin", "umbrella", "anchor", "kettle",

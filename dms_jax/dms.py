@@ -204,6 +204,24 @@ def shift_to_owner(x: Array, pad_value: float | int | bool, next_value: Array | 
     return jnp.concatenate([x[..., 1:], last], axis=-1)
 
 
+def has_decision(valid: Array) -> Array:
+    """``[B, T]``: token ``j`` has a decision of its own iff it and its producer ``j + 1`` are both real.
+
+    The last real token of a sequence has none yet (its logit comes with the next token), and with right
+    padding the producer of the last real token is a pad, whose logit must not be lent to it.
+    """
+    return valid & shift_to_owner(valid, False)
+
+
+def owner_logits(logits: Array, valid: Array | None) -> Array:
+    """Decision logits ``[B, Hkv, T]`` moved to the token they decide about (:func:`shift_to_owner`), with
+    :data:`KEEP_LOGIT` wherever the token has no decision of its own (:func:`has_decision`)."""
+    shifted = shift_to_owner(logits, KEEP_LOGIT)
+    if valid is None:
+        return shifted
+    return jnp.where(has_decision(valid)[:, None, :], shifted, jnp.asarray(KEEP_LOGIT, shifted.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training (soft, noisy) and inference (hard) decisions
 # ---------------------------------------------------------------------------------------------------
@@ -328,26 +346,28 @@ def _as_layers(decisions: Array) -> Array:
     return decisions
 
 
-def eviction_fraction(decisions: Array, valid: Array | None = None) -> Array:
-    """Per-sequence fraction of evicted tokens ``[B]``: mean over layers, heads and valid positions.
+def eviction_fraction(decisions: Array, valid: Array | None = None, shifted: bool = True) -> Array:
+    """Per-sequence fraction of evicted tokens ``[B]``: mean over layers, heads and the tokens that have a
+    decision (:func:`has_decision`: real, and not the last real token, whose decision is still to come).
 
-    ``decisions`` is ``[L, B, Hkv, T]`` (or ``[B, Hkv, T]`` for one layer), ``valid`` ``[B, T]``.  The
-    reference averages the *unshifted* decisions (one per computed logit, position t deciding about token
-    t-1) with the padded positions removed, first over heads and positions per layer, then over layers;
-    with equal head counts per layer that is the plain mean computed here.  A sequence with no valid
-    position gets 0.
+    ``decisions`` is ``[L, B, Hkv, T]`` (or ``[B, Hkv, T]`` for one layer), shifted to their owners, ``valid``
+    ``[B, T]``.  The reference averages the *unshifted* decisions (one per computed logit, position t deciding
+    about token t-1) with the padded positions removed, which counts the same decisions.  ``shifted=False``
+    (DMC's merge decisions, one per token, none pending): every real token counts.  A sequence with no
+    decided token gets 0.
     """
     d = _as_layers(decisions).astype(jnp.float32)
     num_layers, batch, heads, t = d.shape
     if valid is None:
         valid = jnp.ones((batch, t), bool)
-    v = valid.astype(jnp.float32)
+    v = (has_decision(valid) if shifted else valid).astype(jnp.float32)
     total = jnp.einsum("lbht,bt->b", d, v)
     count = jnp.sum(v, axis=-1) * (num_layers * heads)
     return total / jnp.maximum(count, 1.0)
 
 
-def compression_loss(decision_st: Array, valid: Array | None, target_fraction: float | Array) -> Array:
+def compression_loss(decision_st: Array, valid: Array | None, target_fraction: float | Array,
+                     shifted: bool = True) -> Array:
     """One-sided hinge ``mean_batch(max(0, target_fraction - frac_b))`` (scalar, float32).
 
     ``frac_b`` is :func:`eviction_fraction` of the straight-through decisions (``[L, B, Hkv, T]``), so the
@@ -356,7 +376,7 @@ def compression_loss(decision_st: Array, valid: Array | None, target_fraction: f
     least the target fraction its gradient is exactly 0 (the distillation loss then pulls back).  Weight
     1, not a KL.
     """
-    frac = eviction_fraction(decision_st, valid)
+    frac = eviction_fraction(decision_st, valid, shifted)
     return jnp.mean(jax.nn.relu(jnp.asarray(target_fraction, jnp.float32) - frac))
 
 

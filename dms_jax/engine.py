@@ -853,6 +853,11 @@ def _release_jit(cache, seqs, *, page_size):
     return kvc.release(cache, seqs, page_size)
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "policy"), donate_argnames=("cache",))
+def _finish_prefill_jit(cache, slots, *, spec, policy):
+    return policy.finish_prefill(cache, slots, spec)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "policy"))
 def _init_jit(spec, policy=None):
     return kvc.init_cache(spec, policy)
@@ -998,6 +1003,8 @@ class Engine:
                 outs.append(np.asarray(logits))
             else:
                 last = logits if last is None else jnp.where(jnp.asarray(n_valid > 0)[:, None], logits, last)
+        # A policy may reduce the prompt once it is all in (TOVA, as in its paper: once after the whole prompt).
+        cache = _finish_prefill_jit(cache, slots_a, spec=spec, policy=self.policy)
         if all_logits:
             full = np.concatenate(outs, axis=1)
             return [full[i, :lens[i]] for i in range(len(prompts))], cache, ~alive, reads

@@ -295,8 +295,15 @@ class CausalLM(nnx.Module):
         for layer, key in zip(self.layers, noise_keys):
             attention_fn = self._full_sequence_attention(positions, valid, dms_mode, key)
             if remat:
-                x, dec = nnx.remat(lambda lyr, x_: lyr(x_, positions, attention_fn, dms_on, borrowed_neuron_scale))(
-                    layer, x)
+                # jax.checkpoint over the layer's split state, not nnx.remat: with a frozen base (adapter-only
+                # training) the layer holds Params of the outer jit trace, which nnx.remat would try to write back
+                # from the inner one (TraceContextError).
+                layer_def, layer_state = nnx.split(layer)
+
+                def run(state, x_, attention_fn=attention_fn, layer_def=layer_def):
+                    return nnx.merge(layer_def, state)(x_, positions, attention_fn, dms_on, borrowed_neuron_scale)
+
+                x, dec = jax.checkpoint(run)(layer_state, x)
             else:
                 x, dec = layer(x, positions, attention_fn, dms_on, borrowed_neuron_scale)
             decisions.append(dec)
@@ -311,9 +318,9 @@ class CausalLM(nnx.Module):
         def attention_fn(p: Projected):
             if dms_mode == "off":
                 return attend(p.q, p.k, p.v, causal_bias(positions, positions, valid)), None
-            # The decision for token j is computed at position j + 1 (one-token shift).
-            # The last token's decision is not known yet: pad with a "keep" logit.
-            owner_logits = dms.shift_to_owner(p.decision_logits, dms.KEEP_LOGIT)
+            # The decision for token j is computed at position j + 1 (one-token shift). The last real token's
+            # decision is not known yet, and a pad never lends its logit to a real token: "keep" there.
+            owner_logits = dms.owner_logits(p.decision_logits, valid)
             if dms_mode == "train":
                 noise = dms.logistic_noise(noise_key, owner_logits.shape)
                 # alpha_per="layer" copies head 0's *noisy* decision, as the reference does.

@@ -18,6 +18,20 @@ Tasks
   ``majority_vote`` combines several samples.  ``target_tokens`` pads the prompt to a long context with a system
   message of filler sentences that the question does not need.
 
+* ``multikey``: several (3-6) labelled five-digit numbers ("The code for Oslo is 12345.") at seeded depths of
+  the filler; the question asks for one by its label, the others are distractors.  Score: as passkey.
+
+Wording families
+----------------
+Every task comes in several wordings (``WORDINGS[task]``, the default first; ``make_cases(..., wording=name)``)
+that differ in intro, delimiters around the haystack, needle or statement phrasing, question and filler, so
+that accuracy can be reported per family and for the worst one.  The default families ("ruler" for passkey and
+variable tracking, "plain" for the others) give exactly the prompts from before the families existed.  The
+"natural" families use real text as filler: sentences of the built-in corpus's held-out documents
+(``natural_filler_sentences``, never in training rows; about 4.5K tokens, cycled beyond).  None of the wordings
+reuses the training rows' templates (``data.make_recall_rows``, ``synthetic_rows``).  Case ``i`` draws the
+same key / names / values / question in every family, so families compare case by case.
+
 ``score_answer(task, extracted, answer)`` scores an extracted answer (e.g. the winner of a majority vote).
 
 ``score(case, text)`` dispatches on ``case.meta["task"]``.
@@ -25,6 +39,7 @@ Tasks
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -38,6 +53,13 @@ __all__ = [
     "Task",
     "TASKS",
     "FILLER_SENTENCES",
+    "WORDINGS",
+    "PASSKEY_WORDINGS",
+    "VT_WORDINGS",
+    "MULTIKEY_WORDINGS",
+    "ARITHMETIC_WORDINGS",
+    "natural_filler_sentences",
+    "make_multikey_cases",
     "make_cases",
     "make_passkey_cases",
     "make_variable_tracking_cases",
@@ -141,29 +163,130 @@ FILLER_SENTENCES = (
 )
 
 
-def _haystack(n_filler: int, inserts: Sequence[tuple[int, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """``n_filler`` filler sentences (cycled) joined by spaces, with ``(position, sentence)`` inserted before
+class Filler(NamedTuple):
+    """The sentences a haystack is made of: filler sentence ``i`` is ``sentences[(start + i) % len]``, joined
+    by ``sep``."""
+
+    sentences: tuple[str, ...]
+    start: int = 0
+    sep: str = " "
+
+    def sentence(self, i: int) -> str:
+        return self.sentences[(self.start + i) % len(self.sentences)]
+
+
+CLASSIC_FILLER = Filler(FILLER_SENTENCES)
+
+# A second repeated filler (one sentence a line), so that a family differs from the classic one in its filler
+# too; plain scenes, no numbers or capitalised names that could pass for an answer.
+LINE_FILLER_SENTENCES = (
+    "A boat drifts slowly down the quiet river.",
+    "The old clock on the kitchen wall keeps ticking.",
+    "Birds sing in the tall trees behind the house.",
+    "Rain taps softly against the window.",
+    "A cat sleeps curled up next to the stove.",
+    "The narrow road winds over the green hill.",
+)
+
+
+def _haystack(
+    n_filler: int, inserts: Sequence[tuple[int, str]], filler: Filler = CLASSIC_FILLER
+) -> tuple[str, list[tuple[int, int]]]:
+    """``n_filler`` filler sentences joined by ``filler.sep``, with ``(position, sentence)`` inserted before
     filler sentence ``position`` (positions sorted, 0..n_filler). Returns the text and the character spans
     of the inserted sentences in it."""
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
     j = 0
+    gap = len(filler.sep)
     for i in range(n_filler + 1):
         while j < len(inserts) and inserts[j][0] == i:
             if parts:
-                pos += 1
+                pos += gap
             spans.append((pos, pos + len(inserts[j][1])))
             parts.append(inserts[j][1])
             pos += len(inserts[j][1])
             j += 1
         if i < n_filler:
             if parts:
-                pos += 1
-            s = FILLER_SENTENCES[i % len(FILLER_SENTENCES)]
+                pos += gap
+            s = filler.sentence(i)
             parts.append(s)
             pos += len(s)
-    return " ".join(parts), spans
+    return filler.sep.join(parts), spans
+
+
+# Natural filler: sentences of the built-in corpus's held-out documents (never in training rows), in their
+# order, without code blocks, headings, or anything that could pass for an answer (five-digit numbers,
+# five-capital names) or for a task's own wording.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
+_ANSWER_LOOKALIKE = re.compile(r"\d{5}|(?<![A-Za-z])[A-Z]{5}(?![A-Za-z])|VAR|[Pp]ass key|[Ss]ecret code")
+
+
+def _prose_sentences(doc: str) -> list[str]:
+    """The sentences of a document's prose paragraphs (indented code and underlined headings dropped)."""
+    out = []
+    for para in re.split(r"\n\s*\n", doc):
+        lines = para.split("\n")
+        if any(line.startswith(" ") for line in lines) or re.fullmatch(r"[*=\-~^#+]{3,}", lines[-1].strip()):
+            continue
+        out += _SENTENCE_END.split(" ".join(para.split()))  # one space between words, as prose reads
+    return out
+
+
+def _keep_natural(sentence: str) -> bool:
+    # Short sentences keep the prompt length within a few tokens of the target; long ones would not.
+    fits = 25 <= len(sentence) <= 160 and sentence[0].isupper() and sentence[-1] in ".!?"
+    return fits and not _ANSWER_LOOKALIKE.search(sentence)
+
+
+@functools.lru_cache(maxsize=1)
+def natural_filler_sentences() -> tuple[str, ...]:
+    """Filler sentences of real text: the prose of the held-out documents of ``data.builtin_documents()``, as
+    split by ``data.split_documents(docs, 0.05, "dms-jax-heldout")`` (the split training never sees), without
+    the sentences that a training document contains too."""
+    from dms_jax import data
+
+    train, heldout = data.split_documents(data.builtin_documents(), 0.05, "dms-jax-heldout")
+    # The split is by document; some sentences (stock phrases, text that both a topic page and a docstring
+    # carry) also occur in training documents, and a model trained on them would know them: those are dropped.
+    train_prose = " ".join(" ".join(doc.split()) for doc in train)
+    sentences = tuple(
+        s for doc in heldout for s in _prose_sentences(doc) if _keep_natural(s) and s not in train_prose
+    )
+    if len(sentences) < 50:
+        raise ValueError("wording: the built-in corpus has too little held-out prose for natural filler")
+    return sentences
+
+
+_FILLER_KINDS = ("classic", "lines", "natural")
+
+
+def _case_filler(kind: str, seed: int, index: int) -> Filler:
+    """The filler of case ``index``: the classic or line filler from its first sentence, or natural text from
+    a seeded sentence of the held-out documents (a salt of its own, so the case's other draws do not move)."""
+    if kind == "classic":
+        return CLASSIC_FILLER
+    if kind == "lines":
+        return Filler(LINE_FILLER_SENTENCES, sep="\n")
+    sentences = natural_filler_sentences()
+    start = int(_case_rng(seed, index, 0xF111).integers(len(sentences)))
+    return Filler(sentences, start)
+
+
+def _shot_filler(kind: str, filler: Filler) -> Filler:
+    """Filler for a solved example: natural text other than the question's haystack starts with (the repeated
+    fillers stay as they are, as RULER's examples do)."""
+    if kind != "natural":
+        return filler
+    return filler._replace(start=filler.start + len(filler.sentences) // 2)
+
+
+def _pick_wording(task: str, wording: str, families: Mapping[str, Any]):
+    if not isinstance(wording, str) or wording not in families:
+        raise ValueError(f"wording: unknown family {wording!r} for {task}; choose from {tuple(families)}")
+    return families[wording]
 
 
 class _Built(NamedTuple):
@@ -183,6 +306,7 @@ def _build_to_length(
     place: Callable[[int], list[tuple[int, str]]],
     system: str | None = None,
     history: Sequence[tuple[str, str]] = (),
+    filler: Filler = CLASSIC_FILLER,
 ) -> _Built:
     """Find the number of filler sentences whose full prompt is closest to ``target_tokens`` tokens.
 
@@ -199,7 +323,7 @@ def _build_to_length(
 
     def assemble(n: int) -> _Built:
         inserts = place(n)
-        hay, spans = _haystack(n, inserts)
+        hay, spans = _haystack(n, inserts, filler)
         text = head + hay + tail
         ids = _encode(tokenizer, text)
         return _Built(ids, text, n, inserts, start, start + len(hay), [(start + a, start + c) for a, c in spans])
@@ -256,6 +380,53 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
 
 
+class HaystackWording(NamedTuple):
+    """One wording family of a haystack task: the user message is ``intro + before + haystack + after +
+    question``. ``needle`` and ``question`` are formats of the task's fields; ``filler`` is "classic" (the
+    repeated grass-and-sky sentences), "lines" (another repeated filler, one sentence a line) or "natural"
+    (held-out real text)."""
+
+    intro: str
+    before: str
+    after: str
+    needle: str
+    question: str
+    filler: str = "classic"
+
+
+PASSKEY_WORDINGS: dict[str, HaystackWording] = {
+    # The classic passkey prompt, unchanged (results before the families existed stay comparable).
+    "ruler": HaystackWording(PASSKEY_INTRO, "\n\n", "\n\n", PASSKEY_NEEDLE, PASSKEY_QUESTION),
+    "rules": HaystackWording(
+        "A single five-digit number is hidden in the text between the two rules. Find it; you will be asked "
+        "for it afterwards.",
+        "\n---\n", "\n---\n",
+        "The number to recall later is {key}.",
+        "Which number were you asked to recall?",
+    ),
+    "document": HaystackWording(
+        "Read the following document carefully.",
+        "\n\nDocument:\n", "\nEnd of document.\n\n",
+        "The secret code is {key}. Once more, the secret code is {key}.",
+        "What is the secret code in the document?",
+    ),
+    "natural": HaystackWording(
+        "Below is an excerpt of technical documentation. Someone slipped a five-digit access number into it.",
+        "\n\n", "\n\n",
+        "The access number is {key}.",
+        "What access number was slipped into the excerpt?",
+        "natural",
+    ),
+    "lines": HaystackWording(
+        "Each line below is a short sentence. One line carries a number you must not forget.",
+        "\n", "\n",
+        "Do not forget this number: {key}.",
+        "Which number were you told not to forget? Reply with the digits.",
+        "lines",
+    ),
+}
+
+
 def make_passkey_cases(
     tokenizer,
     n: int,
@@ -265,55 +436,63 @@ def make_passkey_cases(
     depth: float | Sequence[float] | None = None,
     assistant_prefix: str = "",
     system: str | None = None,
+    wording: str = "ruler",
 ) -> list[Case]:
     """Passkey retrieval cases of about ``target_tokens`` tokens in all (chat template included).
 
     ``depth``: where the needle sits in the filler (0 = first sentence, 1 = last): a float for all cases, a
     sequence cycled over the cases, or None for a seeded uniform draw per case.  ``assistant_prefix`` (e.g.
-    ``"The pass key is"``) is appended after the generation prompt.  ``meta``: task, key, depth (asked),
+    ``"The pass key is"``) is appended after the generation prompt.  ``wording``: a family of
+    ``PASSKEY_WORDINGS`` (intro, delimiters, needle, question, filler); the key and depth of case ``i`` are the
+    same in every family, so families compare case by case.  ``meta``: task, wording, key, depth (asked),
     depth_tokens (the fraction of the filler's tokens that come before the needle), needle_token (index of the
-    needle's first token in ``prompt_ids``), target_tokens, num_tokens, n_filler, prompt (the text).
+    needle's first token in ``prompt_ids``), needle (its text), target_tokens, num_tokens, n_filler, prompt.
     """
     _check_common(tokenizer, n, seed)
-    if not isinstance(target_tokens, (int, np.integer)) or target_tokens < 1:
-        raise ValueError(f"target_tokens: must be an integer >= 1, got {target_tokens!r}")
+    w = _pick_wording("passkey", wording, PASSKEY_WORDINGS)
+    _check_target(target_tokens)
     depths = _depth_list(depth, n, seed)
     cases = []
     for i in range(n):
         rng = _case_rng(seed, i, 0x5A55)
         key = str(int(rng.integers(10000, 100000)))
         d = depths[i] if depths is not None else float(rng.uniform(0.0, 1.0))
-        needle = PASSKEY_NEEDLE.format(key=key)
+        needle = w.needle.format(key=key)
 
         def render(hay: str) -> tuple[str, str]:
-            return f"{PASSKEY_INTRO}\n\n{hay}\n\n{PASSKEY_QUESTION}", assistant_prefix
+            return f"{w.intro}{w.before}{hay}{w.after}{w.question}", assistant_prefix
 
         def place(nf: int, d=d, needle=needle) -> list[tuple[int, str]]:
             return [(int(round(d * nf)), needle)]
 
-        b = _build_to_length(tokenizer, int(target_tokens), render, place, system)
-        hay_tok, needle_tok, needle_end, end_tok = _token_positions(
-            tokenizer, b.text, [b.hay_start, b.spans[0][0], b.spans[0][1], b.hay_end]
-        )
-        filler_tokens = max((end_tok - hay_tok) - (needle_end - needle_tok), 1)
-        cases.append(
-            Case(
-                prompt_ids=tuple(int(t) for t in b.ids),
-                answer=key,
-                meta={
-                    "task": "passkey",
-                    "key": key,
-                    "depth": float(d),
-                    "depth_tokens": (needle_tok - hay_tok) / filler_tokens,
-                    "needle_token": needle_tok,
-                    "target_tokens": int(target_tokens),
-                    "num_tokens": len(b.ids),
-                    "n_filler": b.n_filler,
-                    "prompt": b.text,
-                },
-            )
-        )
+        filler = _case_filler(w.filler, seed, i)
+        b = _build_to_length(tokenizer, int(target_tokens), render, place, system, filler=filler)
+        meta = {"task": "passkey", "wording": wording, "key": key, "depth": float(d), "needle": needle}
+        cases.append(_needle_case(tokenizer, b, key, meta, int(target_tokens)))
     return cases
+
+
+def _check_target(target_tokens) -> None:
+    if not isinstance(target_tokens, (int, np.integer)) or target_tokens < 1:
+        raise ValueError(f"target_tokens: must be an integer >= 1, got {target_tokens!r}")
+
+
+def _needle_case(tokenizer, b: _Built, answer: str, meta: dict, target_tokens: int, needle: int = 0) -> Case:
+    """A Case for a built prompt whose insert ``needle`` is the one asked about: adds where it sits (token index,
+    fraction of the filler's tokens before it) and the prompt's size to ``meta``."""
+    hay_tok, needle_tok, needle_end, end_tok = _token_positions(
+        tokenizer, b.text, [b.hay_start, b.spans[needle][0], b.spans[needle][1], b.hay_end]
+    )
+    filler_tokens = max((end_tok - hay_tok) - (needle_end - needle_tok), 1)
+    meta.update(
+        depth_tokens=(needle_tok - hay_tok) / filler_tokens,
+        needle_token=needle_tok,
+        target_tokens=target_tokens,
+        num_tokens=len(b.ids),
+        n_filler=b.n_filler,
+        prompt=b.text,
+    )
+    return Case(prompt_ids=tuple(int(t) for t in b.ids), answer=answer, meta=meta)
 
 
 def _depth_list(depth, n: int, seed: int) -> list[float] | None:
@@ -352,7 +531,63 @@ VT_ANSWER_PREFIX = (
     "Answer: According to the chain(s) of variable assignment in the text above, {count} variables are "
     "assigned the value {value}, they are:"
 )
-_VT_STATEMENT = re.compile(r"VAR ([A-Z]{5}) = (?:VAR ([A-Z]{5})|(\d+))")
+
+
+class VTWording(NamedTuple):
+    """One wording family of variable tracking: ``intro + before + haystack + after + question`` as the user
+    message, ``answer_prefix`` (``{count}``, ``{value}``) to start the answer, and the two statement forms:
+    ``assign_value`` (``{name}``, ``{value}``) starts a chain, ``assign_copy`` (``{name}``, ``{prev}``) extends
+    it. ``filler`` as in ``HaystackWording``."""
+
+    intro: str
+    before: str
+    after: str
+    assign_value: str
+    assign_copy: str
+    question: str
+    answer_prefix: str
+    filler: str = "classic"
+
+
+VT_WORDINGS: dict[str, VTWording] = {
+    # RULER's prompt, unchanged.
+    "ruler": VTWording(
+        VT_INTRO, "\n\n", "\n\n", "VAR {name} = {value}.", "VAR {name} = VAR {prev}.", VT_QUESTION,
+        VT_ANSWER_PREFIX,
+    ),
+    "rules": VTWording(
+        "Between the two rules, numbers are stored in variables and copied from one variable to another. "
+        "Keep track of them.",
+        "\n---\n", "\n---\n",
+        "Store {value} in {name}.", "Copy {prev} into {name}.",
+        "Which variables end up containing {value}? List every one of them.",
+        "The {count} variables containing {value} are:",
+    ),
+    "document": VTWording(
+        "Read the document and follow the variables it defines.",
+        "\n\nDocument:\n", "\nEnd of document.\n\n",
+        "{name} is {value}.", "{name} is the same as {prev}.",
+        "List all variables in the document whose value is {value}.",
+        "Variables whose value is {value} ({count} of them):",
+    ),
+    "natural": VTWording(
+        "The excerpt below comes from technical documentation, with a few variable definitions mixed in. "
+        "Follow the variables.",
+        "\n\n", "\n\n",
+        "Variable {name} gets {value}.", "Variable {name} gets the value of {prev}.",
+        "Name every variable that ends up with the value {value}.",
+        "The {count} variables that end up with {value} are",
+        "natural",
+    ),
+    "lines": VTWording(
+        "Each line below is a short sentence; some lines give variables their values. Track them.",
+        "\n", "\n",
+        "Give {name} the value {value}.", "Give {name} the value of {prev}.",
+        "Which variables were given the value {value}, directly or through another variable?",
+        "Those {count} variables are:",
+        "lines",
+    ),
+}
 
 
 def _random_names(rng: np.random.Generator, count: int, exclude: Iterable[str] = ()) -> list[str]:
@@ -374,7 +609,10 @@ class _VTProblem(NamedTuple):
     unit: np.ndarray  # each statement's position as a fraction of the filler
 
 
-def _vt_problem(rng: np.random.Generator, num_chains: int, num_hops: int, exclude_names=(), exclude_values=()):
+def _vt_problem(
+    rng: np.random.Generator, num_chains: int, num_hops: int, exclude_names=(), exclude_values=(),
+    wording: VTWording = VT_WORDINGS["ruler"],
+) -> _VTProblem:
     names = _random_names(rng, num_chains * (num_hops + 1), exclude_names)
     chains = [names[c * (num_hops + 1) : (c + 1) * (num_hops + 1)] for c in range(num_chains)]
     values: list[str] = []
@@ -384,8 +622,8 @@ def _vt_problem(rng: np.random.Generator, num_chains: int, num_hops: int, exclud
             values.append(v)
     per_chain = []
     for chain, value in zip(chains, values):
-        stm = [f"VAR {chain[0]} = {value}."]
-        stm += [f"VAR {chain[k]} = VAR {chain[k - 1]}." for k in range(1, len(chain))]
+        stm = [wording.assign_value.format(name=chain[0], value=value)]
+        stm += [wording.assign_copy.format(name=chain[k], prev=chain[k - 1]) for k in range(1, len(chain))]
         per_chain.append(stm)
     order = np.repeat(np.arange(num_chains), num_hops + 1)
     rng.shuffle(order)
@@ -402,8 +640,8 @@ def _vt_place(problem: _VTProblem, n_filler: int) -> list[tuple[int, str]]:
     return [(int(p), s) for p, s in zip(pos, problem.statements)]
 
 
-def _vt_user(hay: str, value: str) -> str:
-    return f"{VT_INTRO}\n\n{hay}\n\n{VT_QUESTION.format(value=value)}"
+def _vt_user(hay: str, value: str, wording: VTWording) -> str:
+    return f"{wording.intro}{wording.before}{hay}{wording.after}{wording.question.format(value=value)}"
 
 
 def make_variable_tracking_cases(
@@ -418,6 +656,7 @@ def make_variable_tracking_cases(
     shot_filler: int = 20,
     answer_prefix: bool = True,
     system: str | None = None,
+    wording: str = "ruler",
 ) -> list[Case]:
     """RULER variable tracking: ``num_chains`` chains of ``num_hops + 1`` variables each (one value per chain,
     all five-digit and distinct) spread in order through filler; the question asks for the variables of
@@ -426,78 +665,97 @@ def make_variable_tracking_cases(
 
     ``answer`` is the space-joined variable names of chain 0 in chain order; ``meta["variables"]`` the same as
     a tuple, ``meta["chains"]`` all chains, ``meta["value"]`` the queried value, ``meta["question"]`` the last
-    user message.  With ``answer_prefix`` the assistant turn starts with RULER's answer prefix.
+    user message.  With ``answer_prefix`` the assistant turn starts with the family's answer prefix.
+    ``wording``: a family of ``VT_WORDINGS`` (statement forms, intro, delimiters, question, answer prefix,
+    filler); names and values of case ``i`` are the same in every family.
 
     RULER's default is ``num_hops=4``; that is at the floor for SmolLM2-135M-Instruct, so the default here is
     one hop.  Measured (Q4_1 GGUF, transformers fp32, greedy, 10 cases, ~1K tokens, mean fraction score):
     ``num_hops=1`` 0.6, ``num_hops=4`` 0.08; with no in-context example (``num_shots=0``) 0.0 at any depth.
     """
     _check_common(tokenizer, n, seed)
-    if not isinstance(target_tokens, (int, np.integer)) or target_tokens < 1:
-        raise ValueError(f"target_tokens: must be an integer >= 1, got {target_tokens!r}")
-    if not isinstance(num_chains, (int, np.integer)) or num_chains < 1:
-        raise ValueError(f"num_chains: must be an integer >= 1, got {num_chains!r}")
-    if not isinstance(num_hops, (int, np.integer)) or num_hops < 0:
-        raise ValueError(f"num_hops: must be an integer >= 0, got {num_hops!r}")
-    if not isinstance(num_shots, (int, np.integer)) or num_shots < 0:
-        raise ValueError(f"num_shots: must be an integer >= 0, got {num_shots!r}")
-    if not isinstance(shot_filler, (int, np.integer)) or shot_filler < 0:
-        raise ValueError(f"shot_filler: must be an integer >= 0, got {shot_filler!r}")
+    w = _pick_wording("variable_tracking", wording, VT_WORDINGS)
+    _check_target(target_tokens)
+    _check_counts(num_chains=(num_chains, 1), num_hops=(num_hops, 0), num_shots=(num_shots, 0),
+                  shot_filler=(shot_filler, 0))
 
     def prefix_for(value: str) -> str:
-        return VT_ANSWER_PREFIX.format(count=num_hops + 1, value=value) if answer_prefix else ""
+        return w.answer_prefix.format(count=num_hops + 1, value=value) if answer_prefix else ""
 
     cases = []
     for i in range(n):
         rng = _case_rng(seed, i, 0x7A7A)
-        prob = _vt_problem(rng, num_chains, num_hops)
-        used_names = [v for c in prob.chains for v in c]
-        used_values = list(prob.values)
-        history = []
-        for _ in range(num_shots):
-            shot = _vt_problem(rng, num_chains, num_hops, used_names, used_values)
-            used_names += [v for c in shot.chains for v in c]
-            used_values += shot.values
-            hay, _ = _haystack(shot_filler, _vt_place(shot, shot_filler))
-            answer = " ".join(shot.chains[0])
-            pre = prefix_for(shot.values[0])
-            history.append((_vt_user(hay, shot.values[0]), f"{pre} {answer}" if pre else answer))
+        prob = _vt_problem(rng, num_chains, num_hops, wording=w)
+        filler = _case_filler(w.filler, seed, i)
+        history = _vt_shots(rng, prob, num_shots, shot_filler, w, _shot_filler(w.filler, filler), prefix_for)
         value = prob.values[0]
 
         def render(hay: str, value=value) -> tuple[str, str]:
-            return _vt_user(hay, value), prefix_for(value)
+            return _vt_user(hay, value, w), prefix_for(value)
 
         b = _build_to_length(
-            tokenizer, int(target_tokens), render, lambda nf, prob=prob: _vt_place(prob, nf), system, history
+            tokenizer, int(target_tokens), render, lambda nf, prob=prob: _vt_place(prob, nf), system, history,
+            filler,
         )
-        cases.append(
-            Case(
-                prompt_ids=tuple(int(t) for t in b.ids),
-                answer=" ".join(prob.chains[0]),
-                meta={
-                    "task": "variable_tracking",
-                    "value": value,
-                    "variables": tuple(prob.chains[0]),
-                    "chains": tuple(tuple(c) for c in prob.chains),
-                    "values": tuple(prob.values),
-                    "num_hops": int(num_hops),
-                    "num_shots": int(num_shots),
-                    "target_tokens": int(target_tokens),
-                    "num_tokens": len(b.ids),
-                    "n_filler": b.n_filler,
-                    "question": render(b.text[b.hay_start : b.hay_end])[0],
-                    "prompt": b.text,
-                },
-            )
-        )
+        meta = {
+            "task": "variable_tracking", "wording": wording, "value": value,
+            "variables": tuple(prob.chains[0]), "chains": tuple(tuple(c) for c in prob.chains),
+            "values": tuple(prob.values), "num_hops": int(num_hops), "num_shots": int(num_shots),
+            "target_tokens": int(target_tokens), "num_tokens": len(b.ids), "n_filler": b.n_filler,
+            "question": render(b.text[b.hay_start : b.hay_end])[0], "prompt": b.text,
+        }
+        cases.append(Case(prompt_ids=tuple(int(t) for t in b.ids), answer=" ".join(prob.chains[0]), meta=meta))
     return cases
 
 
-def resolve_assignments(text: str) -> dict[str, str]:
-    """Follow the ``VAR X = ...`` statements of ``text`` in order: variable -> value (for checking cases)."""
+def _check_counts(**counts: tuple[Any, int]) -> None:
+    """``name=(value, minimum)``: each value must be an integer >= its minimum."""
+    for name, (value, minimum) in counts.items():
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _vt_shots(rng, prob: _VTProblem, num_shots: int, shot_filler: int, w: VTWording, filler: Filler,
+              prefix_for: Callable[[str], str]) -> list[tuple[str, str]]:
+    """``num_shots`` solved examples (user message, answer) with names and values other than ``prob``'s."""
+    used_names = [v for c in prob.chains for v in c]
+    used_values = list(prob.values)
+    history = []
+    for _ in range(num_shots):
+        shot = _vt_problem(rng, len(prob.chains), len(prob.chains[0]) - 1, used_names, used_values, w)
+        used_names += [v for c in shot.chains for v in c]
+        used_values += shot.values
+        hay, _ = _haystack(shot_filler, _vt_place(shot, shot_filler), filler)
+        answer = " ".join(shot.chains[0])
+        pre = prefix_for(shot.values[0])
+        history.append((_vt_user(hay, shot.values[0], w), f"{pre} {answer}" if pre else answer))
+    return history
+
+
+def _statement_pattern(wording: VTWording) -> re.Pattern:
+    """A regex for both statement forms of ``wording`` (the final period optional, as in free text)."""
+
+    def form(fmt: str, fields: Mapping[str, str]) -> str:
+        out = re.escape(fmt.rstrip("."))
+        for field_name, group in fields.items():
+            out = out.replace(re.escape("{" + field_name + "}"), group)
+        return out
+
+    value = form(wording.assign_value, {"name": r"(?P<name>[A-Z]{5})", "value": r"(?P<value>\d+)"})
+    copy = form(wording.assign_copy, {"name": r"(?P<copy>[A-Z]{5})", "prev": r"(?P<prev>[A-Z]{5})"})
+    return re.compile(f"{value}|{copy}")
+
+
+def resolve_assignments(text: str, wording: str = "ruler") -> dict[str, str]:
+    """Follow the assignment statements of ``text`` (in family ``wording``'s forms, ``VAR X = ...`` for
+    "ruler") in order: variable -> value (for checking cases)."""
+    pattern = _statement_pattern(_pick_wording("variable_tracking", wording, VT_WORDINGS))
     env: dict[str, str] = {}
-    for name, ref, value in _VT_STATEMENT.findall(text):
-        env[name] = value if value else env.get(ref, "")
+    for m in pattern.finditer(text):
+        if m.group("name"):
+            env[m.group("name")] = m.group("value")
+        else:
+            env[m.group("copy")] = env.get(m.group("prev"), "")
     return env
 
 
@@ -514,10 +772,131 @@ def score_variable_tracking(text: str, answer: str | Sequence[str], mode: str = 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Several keys: labelled numbers in the haystack, one asked for by its label
+# ----------------------------------------------------------------------------------------------------------
+
+# Labels are city names: short, distinct, single words that the fillers never contain.
+MULTIKEY_LABELS = (
+    "Oslo", "Lima", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Riga", "Tunis", "Bern", "Accra", "Sofia",
+    "Havana", "Kyoto", "Nairobi", "Porto", "Tbilisi", "Zagreb", "Manila", "Bogota",
+)
+
+MULTIKEY_WORDINGS: dict[str, HaystackWording] = {
+    "plain": HaystackWording(
+        "Several numbers, each tied to a city, are scattered through the text below. Keep track of them.",
+        "\n\n", "\n\n",
+        "The code for {label} is {value}.",
+        "Which code was given for {label}?",
+    ),
+    "rules": HaystackWording(
+        "Between the two rules there are a few labelled numbers among unrelated sentences.",
+        "\n---\n", "\n---\n",
+        "{label} has the number {value}.",
+        "Give the number that {label} has, only the five digits.",
+    ),
+    "document": HaystackWording(
+        "Read the following document; it lists the numbers used by some offices.",
+        "\n\nDocument:\n", "\nEnd of document.\n\n",
+        "The {label} office uses the number {value}.",
+        "According to the document, which number does the {label} office use?",
+    ),
+    "natural": HaystackWording(
+        "Below is an excerpt of technical documentation with a few numbers linked to city names slipped in.",
+        "\n\n", "\n\n",
+        "The number linked to {label} is {value}.",
+        "Which number is linked to {label}?",
+        "natural",
+    ),
+    "lines": HaystackWording(
+        "Each line below is a short sentence. A few lines pair a city with a number.",
+        "\n", "\n",
+        "{label} goes with {value}.",
+        "Which number goes with {label}?",
+        "lines",
+    ),
+}
+
+
+def _multikey_problem(rng: np.random.Generator, num_keys: int | None):
+    """(labels, values, depths, asked index): 3-6 keys (or ``num_keys``), distinct labels and five-digit values,
+    sorted seeded depths, one key asked."""
+    count = int(rng.integers(3, 7)) if num_keys is None else int(num_keys)
+    labels = [MULTIKEY_LABELS[j] for j in rng.permutation(len(MULTIKEY_LABELS))[:count]]
+    values: list[str] = []
+    while len(values) < count:
+        v = str(int(rng.integers(10000, 100000)))
+        if v not in values:
+            values.append(v)
+    depths = np.sort(rng.uniform(0.0, 1.0, size=count))
+    return labels, values, depths, int(rng.integers(count))
+
+
+def make_multikey_cases(
+    tokenizer,
+    n: int,
+    seed: int = 0,
+    *,
+    target_tokens: int = 1024,
+    num_keys: int | None = None,
+    assistant_prefix: str = "",
+    system: str | None = None,
+    wording: str = "plain",
+) -> list[Case]:
+    """Several keys: ``num_keys`` labelled five-digit numbers (None: a seeded 3-6 per case) at seeded depths of
+    the filler; the question asks for one of them by its label, so the other numbers are distractors.  The
+    prompt is about ``target_tokens`` tokens.  ``answer`` is the asked number.  ``wording``: a family of
+    ``MULTIKEY_WORDINGS``.  ``meta``: task, wording, label (asked), labels, values, depth and depth_tokens of
+    the asked key, needle_token, needle, target_tokens, num_tokens, n_filler, prompt."""
+    _check_common(tokenizer, n, seed)
+    w = _pick_wording("multikey", wording, MULTIKEY_WORDINGS)
+    _check_target(target_tokens)
+    if num_keys is not None:
+        _check_counts(num_keys=(num_keys, 1))
+        if num_keys > len(MULTIKEY_LABELS):
+            raise ValueError(f"num_keys: at most {len(MULTIKEY_LABELS)} labels, got {num_keys}")
+    cases = []
+    for i in range(n):
+        labels, values, depths, asked = _multikey_problem(_case_rng(seed, i, 0x3C3C), num_keys)
+        needles = [w.needle.format(label=lab, value=val) for lab, val in zip(labels, values)]
+        question = w.question.format(label=labels[asked])
+
+        def render(hay: str, question=question) -> tuple[str, str]:
+            return f"{w.intro}{w.before}{hay}{w.after}{question}", assistant_prefix
+
+        def place(nf: int, depths=depths, needles=needles) -> list[tuple[int, str]]:
+            return [(int(round(d * nf)), text) for d, text in zip(depths, needles)]
+
+        filler = _case_filler(w.filler, seed, i)
+        b = _build_to_length(tokenizer, int(target_tokens), render, place, system, filler=filler)
+        meta = {
+            "task": "multikey", "wording": wording, "label": labels[asked], "labels": tuple(labels),
+            "values": tuple(values), "depth": float(depths[asked]), "needle": needles[asked], "question": question,
+        }
+        cases.append(_needle_case(tokenizer, b, values[asked], meta, int(target_tokens), asked))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Arithmetic (short answer, exact match, majority voting)
 # ----------------------------------------------------------------------------------------------------------
 
 ARITHMETIC_QUESTION = "What is {a} {op} {b}? Answer with the number only."
+ARITHMETIC_BACKGROUND = "Background text (not needed for the questions):"
+
+
+class ArithmeticWording(NamedTuple):
+    """A wording family of arithmetic: the question (``{a}``, ``{op}``, ``{b}``) and the label of the filler
+    system message that ``target_tokens`` adds."""
+
+    question: str
+    background: str
+
+
+ARITHMETIC_WORDINGS: dict[str, ArithmeticWording] = {
+    "plain": ArithmeticWording(ARITHMETIC_QUESTION, ARITHMETIC_BACKGROUND),
+    "compute": ArithmeticWording("Compute {a} {op} {b}. Reply with just the result.", "Unrelated reading material:"),
+    "equation": ArithmeticWording("{a} {op} {b} = ? Give only the number.", "Some text you can ignore:"),
+}
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -541,6 +920,7 @@ def make_arithmetic_cases(
     answer_prefix: bool = True,
     system: str | None = None,
     target_tokens: int | None = None,
+    wording: str = "plain",
 ) -> list[Case]:
     """Arithmetic questions ("What is 17 + 5? Answer with the number only.") after ``num_shots`` solved
     examples given as earlier chat turns.  With ``answer_prefix`` the assistant turn starts by restating the
@@ -558,8 +938,11 @@ def make_arithmetic_cases(
     need -- a long context for the hyper-scaling runs where the answer depends only on the last turns.
     Measured (vanilla SmolLM2, temperature 0.7, 8 samples, 6 cases): 0.56 of samples right at ~920 tokens vs
     0.54 with no padding (154 tokens); many solved examples instead (33 shots to reach 1K) drop it to ~0.06.
+
+    ``wording``: a family of ``ARITHMETIC_WORDINGS`` (question and background label; the examples use it too).
     """
     _check_common(tokenizer, n, seed)
+    w = _pick_wording("arithmetic", wording, ARITHMETIC_WORDINGS)
     ops = tuple(ops)
     if not ops or any(op not in _OPS for op in ops):
         raise ValueError(f"ops: must be a non-empty sequence of {sorted(_OPS)}, got {ops!r}")
@@ -577,7 +960,7 @@ def make_arithmetic_cases(
         raise ValueError(f"num_shots: {num_shots} distinct examples need a wider [min_value, max_value]")
 
     def render(a: int, op: str, b: int) -> tuple[str, str]:
-        return ARITHMETIC_QUESTION.format(a=a, op=op, b=b), (f"{a} {op} {b} =" if answer_prefix else "")
+        return w.question.format(a=a, op=op, b=b), (f"{a} {op} {b} =" if answer_prefix else "")
 
     cases = []
     for i in range(n):
@@ -594,13 +977,16 @@ def make_arithmetic_cases(
         if target_tokens is None:
             ids = chat_prompt_ids(tokenizer, question, system=system, history=shots, assistant_prefix=prefix)
         else:
-            ids, n_filler = _pad_with_system_filler(tokenizer, int(target_tokens), system, question, shots, prefix)
+            ids, n_filler = _pad_with_system_filler(
+                tokenizer, int(target_tokens), system, question, shots, prefix, w.background
+            )
         cases.append(
             Case(
                 prompt_ids=tuple(int(t) for t in ids),
                 answer=answer,
                 meta={
                     "task": "arithmetic",
+                    "wording": wording,
                     "question": question,
                     "assistant_prefix": prefix,
                     "shots": tuple(shots),
@@ -613,16 +999,15 @@ def make_arithmetic_cases(
     return cases
 
 
-ARITHMETIC_BACKGROUND = "Background text (not needed for the questions):"
-
-
-def _pad_with_system_filler(tokenizer, target_tokens, system, question, shots, prefix) -> tuple[list[int], int]:
-    """Prompt ids with a system message ``[system + blank line +] ARITHMETIC_BACKGROUND + filler`` whose number of
+def _pad_with_system_filler(
+    tokenizer, target_tokens, system, question, shots, prefix, background: str = ARITHMETIC_BACKGROUND
+) -> tuple[list[int], int]:
+    """Prompt ids with a system message ``[system + blank line +] background + filler`` whose number of
     filler sentences puts the whole prompt closest to ``target_tokens`` tokens; returns (ids, filler sentences)."""
 
     def build(n: int) -> list[int]:
         hay, _ = _haystack(n, [])
-        text = f"{ARITHMETIC_BACKGROUND} {hay}" if n else ARITHMETIC_BACKGROUND
+        text = f"{background} {hay}" if n else background
         sys_text = f"{system}\n\n{text}" if system else text
         return chat_prompt_ids(tokenizer, question, system=sys_text, history=shots, assistant_prefix=prefix)
 
@@ -703,11 +1088,20 @@ TASKS: dict[str, Task] = {
     "passkey": Task(make_passkey_cases, score_passkey, extract_passkey),
     "variable_tracking": Task(make_variable_tracking_cases, score_variable_tracking, _extract_variables),
     "arithmetic": Task(make_arithmetic_cases, score_arithmetic, extract_number),
+    "multikey": Task(make_multikey_cases, score_passkey, extract_passkey),
+}
+
+# Task -> its wording families, the default first: report accuracy per family and for the worst one.
+WORDINGS: dict[str, tuple[str, ...]] = {
+    "passkey": tuple(PASSKEY_WORDINGS),
+    "variable_tracking": tuple(VT_WORDINGS),
+    "arithmetic": tuple(ARITHMETIC_WORDINGS),
+    "multikey": tuple(MULTIKEY_WORDINGS),
 }
 
 
 def make_cases(task: str, tokenizer, n: int, seed: int = 0, **params) -> list[Case]:
-    """``TASKS[task].make_cases(tokenizer, n, seed, **params)``."""
+    """``TASKS[task].make_cases(tokenizer, n, seed, **params)``; ``wording=`` picks one of ``WORDINGS[task]``."""
     if task not in TASKS:
         raise ValueError(f"task: unknown task {task!r}; choose from {sorted(TASKS)}")
     return TASKS[task].make_cases(tokenizer, n, seed, **params)

@@ -235,8 +235,9 @@ def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, ta
         return kl, {"kl": kl, "loss_cr": zero, "eviction_fraction": zero}
     s_logits, aux = student(tokens, valid=valid, dms_mode="train", noise_key=noise_key, remat=remat)
     kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
-    loss_cr = dms.compression_loss(aux["decisions"], valid, target_fraction)
-    hard_frac = jnp.mean(dms.eviction_fraction(jax.lax.stop_gradient(aux["decisions"]), valid))
+    shifted = student.dmc_cfg is None  # DMS decisions are shifted to their owner tokens, DMC's are per token
+    loss_cr = dms.compression_loss(aux["decisions"], valid, target_fraction, shifted)
+    hard_frac = jnp.mean(dms.eviction_fraction(jax.lax.stop_gradient(aux["decisions"]), valid, shifted))
     return kl + cr_loss_weight * loss_cr, {"kl": kl, "loss_cr": loss_cr, "eviction_fraction": hard_frac}
 
 

@@ -47,6 +47,16 @@ PRESETS = {
                     cr_final=4.5, cr_final_step=130, lr=1e-4, trainable="all", checkpoint_every=40, eval_seqs=16,
                     eval_seq_len=2048, passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25,
                     dmc_logit_scale=100.0, dmc_offset=3.0),
+    # Recipe v3 (docs/results/retrofit_smollm2_v3.json): rows as long as the evaluation's prompts (1K tokens), half
+    # of them long-range rows (dms_jax.synthetic_rows: facts and variable chains in many wordings, asked for
+    # 128+ tokens later), CR 1 -> 8 at 100 steps per unit of CR, milestones at every whole CR. Only the decision
+    # adapter trains (frozen base, as in the public reference recipe): the all-weights v2 retrofit kept its
+    # accuracy on one prompt wording and lost it on others, and a frozen base cannot drift from the original.
+    # Several hours on 2 cores: run it in the background and continue it with --resume.
+    "cpu-v3": dict(steps=760, batch_size=2, grad_accum=1, seq_len=1024, window=64, cr_final=8.0, cr_final_step=700,
+                   lr=1e-4, trainable="adapter", variant="adapter", checkpoint_every=10, eval_seqs=8,
+                   eval_seq_len=2048, passkey_cases=0, passkey_lengths="1024,2048", recall_fraction=0.5,
+                   synthetic_kind="longrange", compute_dtype="float32", remat=False),
     # The README demo: a few minutes end to end.
     "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
                  lr=1e-4, trainable="all", variant="adapter", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
@@ -59,7 +69,8 @@ PRESETS = {
 DEFAULTS = dict(steps=300, batch_size=4, grad_accum=1, seq_len=256, window=256, cr_final=4.0, cr_final_step=None,
                 variant="neuron", method="dms", dmc_logit_scale=1.0, dmc_offset=5.0,
                 lr=3e-5, trainable="all", checkpoint_every=50, eval_seqs=16, eval_seq_len=2048, passkey_cases=0,
-                passkey_lengths="1024,2048", recall_fraction=0.0)
+                passkey_lengths="1024,2048", recall_fraction=0.0, synthetic_kind="recall", compute_dtype="bfloat16",
+                remat=True)
 
 
 def parse_args(argv=None):
@@ -70,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="default",
                    help="'default' (Python's own docs), a .txt file/dir, a .jsonl file, or hf:NAME / a saved dataset")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--synthetic-kind", choices=["recall", "longrange"],
+                   help="synthetic rows: 'recall' (v2: one wording of facts) or 'longrange' (v3: facts and variable "
+                        "chains in many wordings, dms_jax.synthetic_rows)")
     p.add_argument("--recall-fraction", type=float,
                    help="fraction of training rows that are synthetic recall rows (facts asked for again far "
                         "outside the window), in [0, 1)")
@@ -81,8 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--trainable", help="'all', 'adapter' or a regex over parameter paths")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--no-remat", action="store_true")
+    p.add_argument("--compute-dtype", choices=["bfloat16", "float32"])
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction,
+                   help="recompute each layer's forward in the backward pass (--no-remat: keep activations)")
     p.add_argument("--variant", help="decision logits: 'neuron' (paper, default) or 'adapter'")
     p.add_argument("--alpha-per", default="head", help="'head' or 'layer'")
     p.add_argument("--neuron-init", default="zero", choices=["zero", "keep"],
@@ -157,7 +172,7 @@ def validate(args):
     train_cfg = DistillConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
-        trainable=args.trainable, compute_dtype=args.compute_dtype, remat=not args.no_remat, seed=args.seed,
+        trainable=args.trainable, compute_dtype=args.compute_dtype, remat=args.remat, seed=args.seed,
         method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0, cr_loss_weight=args.cr_loss_weight)
     mesh_sizes = parse_mesh(args.mesh)
     for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
@@ -240,6 +255,16 @@ def _exact_target_cr(train_cfg, step: int) -> float:
     return train_cfg.cr_initial + (train_cfg.cr_final - train_cfg.cr_initial) * min(since, final) / final
 
 
+def record_start(path: Path, step: int, command: str, resumed: bool) -> None:
+    """Appends one line per start of the run (the first one, then every --resume): when, from which step, how.
+    A fresh start clears the file; the results JSON lists them all as "starts"."""
+    if not resumed and path.exists():
+        path.unlink()
+    with open(path, "a") as f:
+        f.write(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "from_step": int(step), "resumed": bool(resumed), "command": command}) + "\n")
+
+
 def _to_host(tree):
     """numpy copies of (possibly multi-process, sharded) global arrays; every process must call it."""
     import jax
@@ -310,7 +335,8 @@ def main(argv=None) -> dict:
         parser.error(f"--seq-len {train_cfg.seq_len} exceeds the model's context of "
                      f"{model.cfg.max_position_embeddings}")
     dataset = data_lib.build_dataset(tokenizer, train_cfg.seq_len, args.data, text_field=args.text_field,
-                                     last="drop", recall_fraction=args.recall_fraction, recall_seed=train_cfg.seed)
+                                     last="drop", recall_fraction=args.recall_fraction, recall_seed=train_cfg.seed,
+                                     synthetic_kind=args.synthetic_kind, window=getattr(dms_cfg, "window", 64))
     arch_meta = {"model_config": dataclasses.asdict(model.cfg),
                  "dms_config": dataclasses.asdict(dms_cfg) if dms_cfg else None,
                  "trainable": train_cfg.trainable, "neuron_init": args.neuron_init}
@@ -362,6 +388,8 @@ def main(argv=None) -> dict:
     if args.resume:
         params, opt_state, meta, start_step = ckpt.restore(params, opt_state, param_shardings=p_sh,
                                                            opt_shardings=o_sh)
+    if is_main:
+        record_start(run_dir / "starts.jsonl", start_step, command, resumed=args.resume)
 
     step_fn = train.make_train_step(train_cfg, tx, graphdef, out_shardings=(p_sh, o_sh, replicated))
     if dmc_cfg is not None:
@@ -482,6 +510,7 @@ def main(argv=None) -> dict:
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - started,
         "data": dataset.meta,
+        "starts": [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()] if is_main else [],
         **summary,
     }
     if "cache_ratio" in summary and args.eval_seq_len == 2048:

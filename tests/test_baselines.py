@@ -107,6 +107,11 @@ def _decode_step(cache, q, k, v, *, policy, spec):
     return cache, (out[..., 0, :, :, :], mask)
 
 
+@functools.partial(jax.jit, static_argnames=("policy", "spec"))
+def _finish_prefill(cache, *, policy, spec):
+    return policy.finish_prefill(cache, jnp.zeros((1,), jnp.int32), spec)
+
+
 def _live(cache, k_all, h):
     """Sorted positions of the tokens in head h's live slots (matched by their keys)."""
     n = int(cache.lengths[0, 0, h])
@@ -129,6 +134,8 @@ def _run(policy, q, k, v, prompt_len, chunk):
         pad = chunk - (e - s)
         padded = [np.concatenate([a[s:e], np.zeros((pad,) + a.shape[1:], np.float32)]) for a in (q, k, v)]
         cache = _prefill_chunk(cache, *map(jnp.asarray, padded), jnp.int32(e - s), policy=policy, spec=spec)
+        if e == prompt_len:  # the engine's call after the last chunk (TOVA reduces the whole prompt here)
+            cache = _finish_prefill(cache, policy=policy, spec=spec)
         kvc.check_invariants(cache, spec)
         yield cache, e - 1, None
     for t in range(prompt_len, n):
@@ -201,7 +208,7 @@ def _h2o_reference(q, k, h, budget, recent, prompt_len, chunk):
 def test_tova_evicts_the_lowest_attention_token(prompt_len, chunk):
     budget, n = 7, 34
     q, k, v = _qkv(n, seed=prompt_len + chunk)
-    policy = bl.TOVAPolicy(budget=budget)
+    policy = bl.TOVAPolicy(budget=budget, scope="group", prefill="chunk")  # the per-KV-group, per-chunk variant
     ref = [_tova_reference(q, k, h, budget, prompt_len, chunk) for h in range(H)]
     steps = list(_run(policy, q, k, v, prompt_len, chunk))
     assert len(steps) == len(ref[0])
@@ -220,6 +227,122 @@ def test_tova_evicts_the_lowest_attention_token(prompt_len, chunk):
     victims = np.asarray(policy.victims(jnp.full((1, 1, H), -1), cache.lengths, cache.policy_state,
                                         cache.num_tokens))
     assert pos[victims[0, 0, 0]] == live[int(np.argmin([dict(zip(pos, score))[j] for j in live]))]
+
+
+def _layer_weights(q_t, keys):
+    """TOVA's layer weights in numpy: q_t [H, G, D] over keys [T, H, D] -> [T], the softmax of every query head of
+    the layer over the same tokens, averaged over all H * G heads."""
+    per_head = []
+    for h in range(q_t.shape[0]):
+        for g in range(q_t.shape[1]):
+            s = keys[:, h] @ q_t[h, g] / np.sqrt(D)
+            e = np.exp(s - s.max())
+            per_head.append(e / e.sum())
+    return np.mean(per_head, axis=0)
+
+
+def _tova_layer_reference(q, k, budget, prompt_len):
+    """The paper's TOVA for one layer, by hand: the dense prompt, reduced once to the ``budget`` tokens with the
+    highest layer weights under the last prompt query; then per decode token, the argmin of the previous query's
+    weights leaves (when full) and the token joins. One kept set for all KV heads. Returns the sets after the
+    prompt and after every decode step."""
+    cand = list(range(prompt_len))
+    p = _layer_weights(q[prompt_len - 1], k[cand])
+    kept = sorted(sorted(cand, key=lambda j: (-p[j], j))[:budget])
+    prev = dict(zip(cand, p))
+    out = [list(kept)]
+    for t in range(prompt_len, k.shape[0]):
+        if len(kept) >= budget:
+            kept.remove(min(kept, key=lambda j: (prev[j], j)))
+        kept = sorted(kept + [t])
+        prev = dict(zip(kept, _layer_weights(q[t], k[kept])))
+        out.append(list(kept))
+    return out
+
+
+def _attend(q_t, k, v, toks):
+    """Numpy attention of q_t [H, G, D] over the tokens ``toks`` of k / v [T, H, D] -> [H, G, D]."""
+    s = np.einsum("hgd,thd->hgt", q_t, k[toks]) / np.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), v[toks])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tova_layer_scope_keeps_one_set_per_layer_and_reduces_the_whole_prompt(seed):
+    budget, prompt_len, n = 7, 21, 33
+    q, k, v = _qkv(n, seed=100 + seed)
+    policy = bl.TOVAPolicy(budget=budget)
+    assert (policy.scope, policy.prefill) == ("layer", "prompt")
+    ref = _tova_layer_reference(q, k, budget, prompt_len)
+    runs = {}
+    for chunk in (prompt_len, 8, 5):  # unchunked, and two chunkings
+        sets = []
+        for cache, t, out in _run(policy, q, k, v, prompt_len, chunk):
+            live = [_live(cache, k, h) for h in range(H)]
+            assert all(x == live[0] for x in live), (chunk, t)  # the same kept set in every KV head
+            if t < prompt_len - 1:  # before the prompt's end nothing leaves (the dense prompt)
+                assert live[0] == list(range(t + 1)), (chunk, t)
+                continue
+            sets.append(live[0])
+            assert int(cache.lengths.max()) <= budget
+            if out is not None:  # the cache path's attention = attention over the reference's kept set
+                np.testing.assert_allclose(np.asarray(out[0]), _attend(q[t], k, v, ref[len(sets) - 1]),
+                                           rtol=1e-5, atol=1e-5)
+        assert sets == ref, chunk
+        runs[chunk] = sets
+    assert runs[prompt_len] == runs[8] == runs[5]
+
+
+def test_quest_dense_layers_read_every_page():
+    budget, n_layers = 8, 4
+    spec = kvc.CacheSpec.create(num_layers=n_layers, num_kv_heads=H, head_dim=D, max_seqs=1, max_context=40,
+                                window=1, page_size=PS)
+    policy = bl.QuestPolicy(budget=budget)  # dense_layers=2, the paper's
+    assert policy.dense_layers == 2
+    rng = np.random.default_rng(7)
+    for length in (6, 17, 30):
+        state = policy.init_state(spec)
+        kmin = rng.normal(size=state["kmin"].shape).astype(np.float32)
+        kmax = kmin + np.abs(rng.normal(size=kmin.shape)).astype(np.float32)
+        state = dict(state, kmin=jnp.asarray(kmin), kmax=jnp.asarray(kmax))
+        q = rng.normal(size=(1, H, G, D)).astype(np.float32)
+        lengths = jnp.full((1, H), length, jnp.int32)
+        tables = jnp.zeros((1, H, spec.max_pages_per_head), jnp.int32)
+        n_pages = -(-length // PS)
+        for l in range(n_layers):
+            mask = np.asarray(policy.page_mask(jnp.asarray(q), tables, lengths,
+                                               jax.tree.map(lambda a: a[l], state), page_size=PS))[0]
+            for h in range(H):
+                if l < 2:  # dense: every live page
+                    want = list(range(n_pages))
+                else:  # numpy bound: max over the group of sum_d max(q_d min_d, q_d max_d); top full pages + last
+                    qh = q[0, h][:, None, :]
+                    bound = np.maximum(qh * kmin[l, 0, h][None], qh * kmax[l, 0, h][None]).sum(-1).max(0)
+                    top = np.argsort(-bound[:n_pages - 1], kind="stable")[:budget // PS]
+                    want = sorted(top.tolist() + [n_pages - 1])
+                assert np.nonzero(mask[h])[0].tolist() == want, (length, l, h)
+
+
+def test_quest_dense_layers_in_the_engine(prompts):
+    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=(2,))
+    model = create_model(cfg, None, seed=3)
+    eng = Engine(model, "quest", budget=8, page_size=PS, prefill_chunk=8)
+    spec = eng.make_spec(3, 48)
+    cache = eng.new_cache(spec)
+    _, cache, _, _ = eng.prefill(cache, spec, [0, 1, 2], prompts)
+    _, cache, _ = eng.step(cache, spec, np.array([5, 6, 7]))
+    reads = np.asarray(cache.policy_state["reads"])  # [L, S, H]
+    for s, p in enumerate(prompts):
+        f = len(p) + 1
+        pages = -(-f // PS)
+        assert (reads[:2, s] == f).all()  # layers 0 and 1: every token, no metadata
+        assert (reads[2, s] == min(pages - 1, 8 // PS) * PS + f - (pages - 1) * PS + pages).all()
+    # All layers dense: the same tokens as the dense cache.
+    kw = dict(page_size=PS, prefill_chunk=8)
+    ref = Engine(model, "vanilla", **kw).generate(prompts, max_new_tokens=5, stop_ids=[]).tokens()
+    assert Engine(model, "quest", budget=4, dense_layers=3, **kw).generate(
+        prompts, max_new_tokens=5, stop_ids=[]).tokens() == ref
 
 
 @pytest.mark.parametrize("prompt_len,chunk,recent", [(5, 8, None), (19, 8, None), (19, 4, 2)])
@@ -264,7 +387,7 @@ def test_streaming_keeps_sinks_and_recent_window(prompt_len, chunk):
 def test_quest_reads_the_pages_with_the_highest_bound():
     budget, prompt_len, n = 8, 19, 30  # 2 pages + the current one
     q, k, v = _qkv(n, seed=5)
-    policy = bl.QuestPolicy(budget=budget)
+    policy = bl.QuestPolicy(budget=budget, dense_layers=0)  # one layer, page selection in it
     reads_seen = []
     for cache, t, out in _run(policy, q, k, v, prompt_len, 8):
         length = t + 1
@@ -329,9 +452,11 @@ def prompts():
 BUDGET = 10
 
 
-@pytest.mark.parametrize("name", ["tova", "h2o", "streaming", "quest"])
-def test_engine_stays_within_budget_and_metrics_reflect_it(tiny, prompts, name):
-    eng = Engine(tiny, name, budget=BUDGET, page_size=PS, prefill_chunk=8)
+@pytest.mark.parametrize("name,kw", [("tova", {}), ("tova", dict(scope="group", prefill="chunk")), ("h2o", {}),
+                                     ("streaming", {}), ("quest", {}), ("quest", dict(dense_layers=0)),
+                                     ("quest", dict(dense_layers=1))])
+def test_engine_stays_within_budget_and_metrics_reflect_it(tiny, prompts, name, kw):
+    eng = Engine(tiny, name, budget=BUDGET, page_size=PS, prefill_chunk=8, **kw)
     spec = eng.make_spec(3, 48)
     cache = eng.new_cache(spec)
     _, cache, failed, _ = eng.prefill(cache, spec, [0, 1, 2], prompts)
@@ -379,8 +504,9 @@ def test_engine_stays_within_budget_and_metrics_reflect_it(tiny, prompts, name):
         else:  # Quest: dense memory; reads = the top full pages + the current page + one per page (min / max)
             assert m.peak_live_tokens == lh * (p + new - 1)
             pages = [-(-f // PS) for f in fed]
-            assert m.kv_token_reads == lh * sum(min(n - 1, BUDGET // PS) * PS + f - (n - 1) * PS + n
-                                                for f, n in zip(fed, pages))
+            dense, sparse = 2 * min(eng.policy.dense_layers, 2), 2 * max(2 - eng.policy.dense_layers, 0)
+            assert m.kv_token_reads == sum(dense * f + sparse * (min(n - 1, BUDGET // PS) * PS + f - (n - 1) * PS + n)
+                                           for f, n in zip(fed, pages))
     assert res.pages_in_use_at_end == 0
 
 
@@ -407,6 +533,9 @@ def test_chains_share_the_prompt_and_its_scores(tiny, prompts):
     (lambda: bl.H2OPolicy(budget=4, recent=5), "must not exceed the budget"),
     (lambda: bl.StreamingPolicy(budget=5, sinks=4), "budget must be an integer >= 6"),
     (lambda: bl.QuestPolicy(budget=1.5), "budget must be an integer"),
+    (lambda: bl.QuestPolicy(budget=8, dense_layers=-1), "dense_layers must be an integer >= 0"),
+    (lambda: bl.TOVAPolicy(budget=8, scope="head"), r"scope must be one of \('layer', 'group'\)"),
+    (lambda: bl.TOVAPolicy(budget=8, prefill="once"), r"prefill must be one of \('prompt', 'chunk'\)"),
     (lambda: bl.budget_for_ratio(100, 0.5), "ratio must be >= 1"),
 ])
 def test_errors(call, match):
@@ -415,9 +544,10 @@ def test_errors(call, match):
 
 
 def test_make_policy_and_describe():
-    assert kvc.make_policy("tova", budget=5).describe() == {"policy": "tova", "budget": 5}
+    assert kvc.make_policy("tova", budget=5).describe() == {"policy": "tova", "budget": 5, "scope": "layer",
+                                                           "prefill": "prompt"}
     assert kvc.make_policy("h2o", budget=9).describe() == {"policy": "h2o", "budget": 9, "heavy": 4, "recent": 5}
     assert kvc.make_policy("streaming", budget=20).describe() == {"policy": "streaming", "budget": 20, "sinks": 4,
                                                                   "window": 15}
-    assert isinstance(kvc.make_policy("quest", budget=64), bl.QuestPolicy)
+    assert kvc.make_policy("quest", budget=64).describe() == {"policy": "quest", "budget": 64, "dense_layers": 2}
     assert bl.budget_for_ratio(1024, 4) == 256 and bl.budget_for_ratio(1000, 3) == 333

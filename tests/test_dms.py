@@ -374,7 +374,9 @@ def test_bias_under_jit_traced_window():
 # ----------------------------------------------------------------------------- loss and schedule
 
 
-def np_frac(dec, valid):
+def np_frac(dec, valid, shifted=True):
+    """Reference: mean over the tokens that have a decision; with shifted decisions (DMS) the last real token
+    (whose producer is a pad or the end of the row) has none."""
     l_, b_, h_, t_ = dec.shape
     out = np.zeros(b_)
     for b in range(b_):
@@ -382,7 +384,8 @@ def np_frac(dec, valid):
         for l in range(l_):
             for h in range(h_):
                 for t in range(t_):
-                    if valid[b, t]:
+                    producer_real = t + 1 < t_ and valid[b, t + 1]
+                    if valid[b, t] and (producer_real or not shifted):
                         s += dec[l, b, h, t]
                         c += 1
         out[b] = s / c
@@ -403,6 +406,31 @@ def test_eviction_fraction_and_loss_match_numpy():
     np.testing.assert_allclose(loss, np.mean(np.maximum(0.0, target - np_frac(dec, valid))), rtol=1e-6)
     # a single layer [B, Hkv, T] is accepted
     np.testing.assert_allclose(dms.eviction_fraction(jnp.asarray(dec[0])), np_frac(dec[:1], np.ones((2, 6))))
+    # per-token decisions (DMC): every real token counts
+    np.testing.assert_allclose(dms.eviction_fraction(jnp.asarray(dec), jnp.asarray(valid), shifted=False),
+                               np_frac(dec, valid, shifted=False), rtol=1e-6)
+
+
+def test_eviction_fraction_leaves_the_pending_last_decision_out():
+    # Row 0 evicts every decided token; its last real token (index 3, then padding) has no decision yet.
+    dec = np.zeros((1, 1, 1, 6), np.float32)
+    dec[..., :3] = 1.0
+    valid = np.array([[True, True, True, True, False, False]])
+    np.testing.assert_allclose(dms.eviction_fraction(jnp.asarray(dec), jnp.asarray(valid)), [1.0])
+    np.testing.assert_array_equal(dms.has_decision(jnp.asarray(valid)), [[1, 1, 1, 0, 0, 0]])
+
+
+def test_owner_logits_never_take_a_pad_tokens_logit():
+    rng = np.random.default_rng(21)
+    logits = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    got = np.asarray(dms.owner_logits(jnp.asarray(logits), jnp.asarray(valid)))
+    want = np.full_like(logits, dms.KEEP_LOGIT)
+    for b in range(2):
+        for t in range(4):
+            if valid[b, t] and valid[b, t + 1]:
+                want[b, :, t] = logits[b, :, t + 1]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_compression_hinge_at_below_past_target():
@@ -413,18 +441,20 @@ def test_compression_hinge_at_below_past_target():
 
         return jax.value_and_grad(loss_fn)(logits)
 
-    logits = jnp.asarray([[[2.0, -1.0, 3.0, -2.0]]])  # hard fraction 0.5
+    # The last position's decision is pending (not counted): the decided ones [2, -1, 3, -2] give fraction 0.5.
+    logits = jnp.asarray([[[2.0, -1.0, 3.0, -2.0, 5.0]]])
     val, grad = run(0.75, logits)  # below target: positive loss, gradient pushes logits up
     np.testing.assert_allclose(val, 0.25, rtol=1e-6)
-    assert np.all(np.asarray(grad) < 0)
-    s = np_sigmoid(np.asarray(logits))
-    np.testing.assert_allclose(grad, -s * (1 - s) / 4, rtol=1e-5)
+    g = np.asarray(grad)
+    assert np.all(g[..., :4] < 0) and g[..., 4] == 0.0
+    s = np_sigmoid(np.asarray(logits[..., :4]))
+    np.testing.assert_allclose(g[..., :4], -s * (1 - s) / 4, rtol=1e-5)
     val, grad = run(0.3, logits)  # past target: zero loss, zero gradient
     assert val == 0.0 and np.all(np.asarray(grad) == 0.0)
     val, _ = run(0.5, logits)  # exactly at target
     assert val == 0.0
     # reduction: mean over batch of per-sequence hinges
-    d = jnp.asarray([[[1.0, 1.0]], [[0.0, 0.0]]])  # seq 0 frac 1, seq 1 frac 0
+    d = jnp.asarray([[[1.0, 1.0, 0.0]], [[0.0, 0.0, 0.0]]])  # seq 0 frac 1, seq 1 frac 0 (last pending)
     np.testing.assert_allclose(dms.compression_loss(d, None, 0.5), 0.25)
 
 
