@@ -193,7 +193,7 @@ def machine_description() -> str:
 
 
 def tiny_random_model(tokenizer, seed: int = 0, dmc: bool = False):
-    """A 2-layer random Llama with the tokenizer's vocabulary and a DMS config (random decisions), for the smoke
+    """A 3-layer random Llama with the tokenizer's vocabulary and a DMS config (random decisions), for the smoke
     sweep: it runs every method, its accuracy means nothing. dmc=True: the same with a DMC config instead (merge
     logit offset 0: the random merge neurons merge about half the tokens)."""
     from dms_jax.config import DMCConfig, DMSConfig, ModelConfig
@@ -201,7 +201,7 @@ def tiny_random_model(tokenizer, seed: int = 0, dmc: bool = False):
 
     eos = tokenizer.eos_token_id
     cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=4096,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=4096,
                       eos_token_ids=(int(eos),) if eos is not None else ())
     if dmc:
         return create_model(cfg, dmc_cfg=DMCConfig(accumulation_window=4, logit_offset=0.0), seed=seed)
