@@ -6,7 +6,8 @@ out as the logical-axis rules say; bad meshes stop with a clear message; and a r
 Fake devices need XLA_FLAGS before jax is imported, so the 8-device part runs this file as a script in a
 subprocess (`python tests/test_sharding.py OUT`), which writes its results for the tests to compare.
 
-Tolerances (float32 compute): 1 device vs any 8-device mesh: losses rtol 1e-5, gradient norm rtol 2e-4,
+Tolerances (float32 compute): 1 device vs any 8-device mesh: losses rtol 1e-5 at the first step (same parameters),
+rtol 1e-4 after updates (the parameters then differ by what the gradients differ), gradient norm rtol 2e-4,
 parameters (|w| up to ~1) atol 3e-5 after three steps (measured: <= 9e-6) (the all-reduces sum in another order; the Gumbel noise is identical, jax's threefry is partitionable).
 The mesh comparison uses clipped SGD with momentum, not Adam: Adam's first update is lr * g / (|g| + eps), i.e.
 lr * sign(g), which turns float-rounding noise in gradients that are mathematically ~0 into +-lr steps, and the
@@ -135,8 +136,12 @@ def test_same_losses_and_params_on_8_devices_as_on_1(eight_devices, mesh):
     report, params = eight_devices
     ref, got = report["1"]["metrics"], report[mesh]["metrics"]
     for key in ("loss", "kl", "loss_cr", "eviction_fraction", "target_cr"):
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref], rtol=1e-5, atol=1e-7,
-                                   err_msg=f"{mesh}: {key}")
+        # Step 0 runs on identical parameters: only the order of the all-reduces differs.
+        np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, atol=1e-7, err_msg=f"{mesh}: {key} step 0")
+        # Later steps run on parameters that already moved by gradients which agree only to 2e-4 (below), so
+        # their losses carry that difference too (measured: kl 2e-5 at step 2 with jax 0.10.2).
+        np.testing.assert_allclose([m[key] for m in got[1:]], [m[key] for m in ref[1:]], rtol=1e-4, atol=1e-7,
+                                   err_msg=f"{mesh}: {key} after updates")
     # The straight-through gradient is sigmoid'(z) / tau with z = (100 q - 5 + noise) / tau: it magnifies the
     # rounding of q about 1e3-fold, so the gradient norm agrees to 2e-4 (measured <= 6e-5).
     np.testing.assert_allclose([m["grad_norm"] for m in got], [m["grad_norm"] for m in ref], rtol=2e-4)
