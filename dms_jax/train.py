@@ -328,8 +328,9 @@ def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: 
     """Held-out KL(student || teacher), perplexities, and KV statistics with hard (inference) decisions.
 
     Statistics (dms.kv_stats, summed over layers, heads and sequences):
-      compression_ratio: tokens older than the window at the end of each sequence / how many of them are kept;
-      cache_ratio: all tokens / live tokens at the end of each sequence.
+      compression: all (token, layer, KV head) entries / live ones at the end of each sequence -- the whole-cache
+        figure that the engine and the evaluation report for every method;
+      compression_outside_window: secondary, only the tokens older than the window / how many of them are kept.
     A DMC model (window unused, may be None) counts slots instead (dmc.kv_stats): both ratios are tokens / slots.
     """
     graphdef, state = nnx.split(model)
@@ -346,8 +347,8 @@ def evaluate_heldout(model: CausalLM, teacher_state, tokens: np.ndarray, valid: 
         "kl_heldout": kl / max(n_kl, 1),
         "ppl_heldout": float(np.exp(nll_s / max(n_tok, 1))),
         "ppl_vanilla": float(np.exp(nll_t / max(n_tok, 1))),
-        "compression_ratio": stats["n_old"] / max(stats["n_old_kept"], 1.0),
-        "cache_ratio": stats["n_tokens"] / max(stats["n_live"], 1.0),
+        "compression": stats["n_tokens"] / max(stats["n_live"], 1.0),
+        "compression_outside_window": stats["n_old"] / max(stats["n_old_kept"], 1.0),
         "eval_tokens": int(n_tok),
         **{k: int(v) for k, v in stats.items()},
     }

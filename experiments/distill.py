@@ -127,7 +127,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--no-async-checkpoint", action="store_true")
     p.add_argument("--eval-seqs", type=int, help="held-out sequences for KL/perplexity/CR")
-    p.add_argument("--eval-seq-len", type=int, help="held-out sequence length (2048 gives cache_ratio_2k)")
+    p.add_argument("--eval-seq-len", type=int, help="held-out sequence length (2048 gives compression_2k)")
     p.add_argument("--passkey-cases", type=int, help="greedy passkey cases per length (0: skip)")
     p.add_argument("--passkey-lengths", help="comma-separated prompt lengths in tokens")
     p.add_argument("--results", help="write the results JSON here (e.g. docs/results/retrofit_smollm2.json)")
@@ -482,7 +482,7 @@ def main(argv=None) -> dict:
                                                                args.passkey_cases, dms=False)
         summary["passkey_cases"] = args.passkey_cases
     if is_main and not args.no_export:
-        cr_reached = summary.get("compression_ratio")
+        cr_reached = summary.get("compression")
         weights.export_hf(student, run_dir / "export", tokenizer=tokenizer,
                           compression_ratio=train_cfg.cr_final if cr_reached is None else round(cr_reached, 3))
     if is_main:
@@ -513,8 +513,8 @@ def main(argv=None) -> dict:
         "starts": [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()] if is_main else [],
         **summary,
     }
-    if "cache_ratio" in summary and args.eval_seq_len == 2048:
-        result["cache_ratio_2k"] = summary["cache_ratio"]
+    if "compression" in summary and args.eval_seq_len == 2048:
+        result["compression_2k"] = summary["compression"]
     if is_main:
         with open(run_dir / "results.json", "w") as f:
             json.dump(result, f, indent=2)

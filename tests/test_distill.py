@@ -108,17 +108,17 @@ def test_cli_adapter_run_writes_metrics_results_plot_and_a_loadable_export(asset
     res = json.loads(results.read_text())
     assert res == json.loads((run_dir / "results.json").read_text())
     for key in ("command", "date", "machine", "model", "variant", "window", "steps", "tokens_per_step",
-                "wall_seconds", "compression_ratio", "kl_heldout", "ppl_heldout", "ppl_vanilla"):
+                "wall_seconds", "compression", "compression_outside_window", "kl_heldout", "ppl_heldout", "ppl_vanilla"):
         assert key in res, key
     assert res["variant"] == "adapter" and res["window"] == 4 and res["tokens_per_step"] == 2 * 16
     assert res["command"].startswith("python -m experiments.distill ") and "--variant adapter" in res["command"]
-    assert res["compression_ratio"] >= 1 and res["kl_heldout"] >= 0 and res["eval_seqs"] == 2
+    assert res["compression"] >= 1 and res["compression_outside_window"] >= 1 and res["kl_heldout"] >= 0 and res["eval_seqs"] == 2
 
     # The export: NVIDIA's field names, our DMS settings, the adapter weights; loads back to the same DMS setup.
     cfg = json.loads((run_dir / "export" / "config.json").read_text())
     assert cfg["dms_separate_alpha"] is True and cfg["dms_alpha_per"] == "layer" and cfg["dms_window_size"] == 4
     assert cfg["dms_tau"] == 0.2 and cfg["dms_alpha_scale"] == 100.0 and cfg["dms_initial_alpha_offset"] == 5.0
-    assert cfg["dms_cr"] == round(res["compression_ratio"], 3)
+    assert cfg["dms_cr"] == round(res["compression"], 3)
     assert 0 < cfg["dms_paged_attention_block_size"] < cfg["dms_window_size"]  # NVIDIA's config asserts this
     tensors = th.read_export(run_dir / "export")
     assert tensors["model.layers.1.self_attn.dms_proj_alpha.weight"].shape == (2, 32)

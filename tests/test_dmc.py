@@ -655,13 +655,13 @@ def test_cli_dmc_run_exports_and_reloads(assets, tmp_path):
 
     res = json.loads((run_dir / "results.json").read_text())
     assert res["method"] == "dmc" and res["dmc_accumulation_window"] == 4 and res["neuron_decay_steps"] == 2
-    assert res["compression_ratio"] >= 1 and np.isfinite(res["kl_heldout"])
+    assert res["compression"] >= 1 and np.isfinite(res["kl_heldout"])
     # Passkey: the student generates through its merge cache (generate_dmc), the original densely.
     assert res["passkey_cases"] == 2 and set(res["passkey_accuracy"]) == set(res["passkey_accuracy_vanilla"]) == {"320"}
     assert 0 <= res["passkey_accuracy"]["320"] <= 1 and res["passkey_cache_ratio"]["320"] >= 1
     cfg = json.loads((run_dir / "export" / "config.json").read_text())
     assert cfg["dmc_accumulation_window"] == 4 and cfg["dmc_tau"] == 0.1 and cfg["dmc_logit_offset"] == 5.0
-    assert cfg["dmc_cr"] == round(res["compression_ratio"], 3)
+    assert cfg["dmc_cr"] == round(res["compression"], 3)
     assert not any(k.startswith("dms_") for k in cfg)
     model = weights.load_model(run_dir / "export")
     assert model.dmc_cfg == DMCConfig(accumulation_window=4) and model.dms_cfg is None

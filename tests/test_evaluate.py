@@ -11,7 +11,8 @@ import pytest
 from experiments import evaluate
 
 POINT_KEYS = {"method", "task", "ratio", "accuracy", "ci95", "cases", "kv_reads", "peak_tokens", "settings",
-              "length", "budget", "series", "measured_ratio", "kv_reads_prefill", "seconds_per_case"}
+              "length", "budget", "series", "compression", "compression_peak", "kv_reads_prefill", "seconds_per_case"}
+GENERATION_KEYS = {"accuracy_by_wording", "cases_by_wording", "wording_worst", "accuracy_worst"}
 
 
 def _check_common(res, out):
@@ -20,7 +21,7 @@ def _check_common(res, out):
     assert json.loads(out.read_text()) == res
     assert out.with_suffix(".png").stat().st_size > 10_000
     table = out.with_suffix(".md").read_text()
-    assert "| task | method | ratio |" in table
+    assert "| task | method | nominal ratio | compression (end / peak) |" in table
 
 
 def test_smoke_sweep_writes_points_plot_and_table_and_resumes(tmp_path, capsys):
@@ -30,7 +31,11 @@ def test_smoke_sweep_writes_points_plot_and_table_and_resumes(tmp_path, capsys):
     pts = res["points"]
     assert sorted(p["method"] for p in pts) == sorted(evaluate.METHODS)
     for p in pts:
-        assert POINT_KEYS <= set(p), POINT_KEYS - set(p)
+        assert POINT_KEYS | GENERATION_KEYS <= set(p), POINT_KEYS | GENERATION_KEYS - set(p)
+        # Compression is dense entries over live ones, for every method alike; the default wording only.
+        assert p["compression"] == pytest.approx(p["dense_tokens"] / p["final_tokens"], rel=1e-9)
+        assert p["compression_peak"] == pytest.approx(p["dense_tokens"] / p["peak_tokens"], rel=1e-9)
+        assert p["accuracy_by_wording"] == {"ruler": p["accuracy"]} and p["wording_worst"] == "ruler"
         assert p["task"] == "passkey" and p["cases"] == 2 and p["length"] == 160
         assert 0.0 <= p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] <= 1.0
         assert p["kv_reads"] > 0 and p["peak_tokens"] > 0
@@ -45,9 +50,13 @@ def test_smoke_sweep_writes_points_plot_and_table_and_resumes(tmp_path, capsys):
     # Quest keeps everything in memory but reads less.
     assert by["quest"]["peak_tokens"] == by["vanilla"]["peak_tokens"]
     assert by["quest"]["kv_reads"] < by["vanilla"]["kv_reads"]
-    assert by["dms"]["measured_ratio"] > 1.0
-    assert by["dmc"]["measured_ratio"] > 1.0 and by["dmc"]["peak_tokens"] < by["vanilla"]["peak_tokens"]
-    assert "| passkey 160 | tova | 4 |" in capsys.readouterr().out
+    assert by["vanilla"]["compression"] == by["quest"]["compression"] == 1.0  # Quest evicts nothing
+    # Budget 40 of the 164 tokens a case ends with (160-token prompt + 4 answers, the prompt sizes vary a little).
+    for m in ("tova", "h2o", "streaming"):
+        assert by[m]["compression"] == pytest.approx(by[m]["dense_tokens"] / 240, rel=1e-9) and by[m]["compression"] > 3.5
+    assert by["dms"]["compression"] > 1.0 and by["dms"]["ratio"] == by["dms"]["compression"]
+    assert by["dmc"]["compression"] > 1.0 and by["dmc"]["peak_tokens"] < by["vanilla"]["peak_tokens"]
+    assert "| passkey 160 | tova | 4 | " in capsys.readouterr().out
 
     # Resuming: every point is there already, nothing runs, the file keeps its points and who made them.
     made_by = (res["command"], res["date"], list(res["runs"]))
@@ -87,10 +96,49 @@ def test_dmc_export_is_evaluated_and_a_non_dmc_export_is_refused(tmp_path):
     (p,) = res["points"]
     assert p["method"] == "dmc" and p["checkpoint"] == str((tmp_path / "dmc").resolve())
     assert p["series"] == "dmc (dmc)"  # named by the export's directory
-    assert p["measured_ratio"] > 1.0 and p["ratio"] == p["measured_ratio"]
+    assert p["compression"] > 1.0 and p["ratio"] == p["compression"]
     with pytest.raises(SystemExit, match="no DMC settings"):
         evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--methods", "dmc",
                        "--dmc-model", str(tmp_path / "dms")])
+
+
+def test_every_wording_family_is_scored_and_the_worst_reported(tmp_path):
+    from dms_jax import tasks
+
+    out = tmp_path / "w.json"
+    res = evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot", "--wordings", "all",
+                         "--tasks", "passkey,multikey", "--methods", "vanilla,streaming", "--cases", "10",
+                         "--lengths", "256"])
+    assert len(res["points"]) == 4
+    for p in res["points"]:
+        families = tasks.WORDINGS[p["task"]]
+        assert list(p["accuracy_by_wording"]) == list(families) and set(p["cases_by_wording"].values()) == {2}
+        assert p["accuracy"] == pytest.approx(np.mean(list(p["accuracy_by_wording"].values())))
+        assert p["accuracy_worst"] == min(p["accuracy_by_wording"].values())
+        assert p["accuracy_by_wording"][p["wording_worst"]] == p["accuracy_worst"]
+        assert p["settings"]["wordings"] == list(families)  # not the identity of a default-wording point
+
+
+def test_wording_families_draw_their_own_cases_and_the_default_keeps_the_old_ones():
+    from dms_jax import tasks
+
+    tok = evaluate._tokenizer(None)
+    s = dict(evaluate.SWEEPS["smoke"], cases=6, depths=[0.5], wordings={"passkey": ["ruler", "natural", "lines"]})
+    cases = evaluate.Runner(s, None, tok, lambda n: None).cases("passkey", 256)
+    assert [c.meta["wording"] for c in cases] == ["ruler"] * 2 + ["natural"] * 2 + ["lines"] * 2
+    old = tasks.make_cases("passkey", tok, 2, evaluate.TASK_SEEDS["passkey"], target_tokens=256, depth=[0.5])
+    assert [c.prompt_ids for c in cases[:2]] == [c.prompt_ids for c in old]
+    assert len({c.answer for c in cases}) == 6  # other needles per family
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--wordings", "all", "--cases", "7"], "does not split evenly"),
+    (["--wordings", "ruler,haiku"], "no wording family"),
+])
+def test_wording_errors(argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--sweep", "smoke", "--out", str(tmp_path / "x.json")] + argv)
+    assert match in capsys.readouterr().err
 
 
 def test_confidence_intervals():

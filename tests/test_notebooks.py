@@ -110,7 +110,7 @@ def test_quickstart(assets):
 
 RETROFIT_PROBE = """{
     "steps": [r["step"] for r in rows], "target_cr": [r["target_cr"] for r in rows],
-    "result": {k: result.get(k) for k in ("steps", "window", "compression_ratio", "kl_heldout")},
+    "result": {k: result.get(k) for k in ("steps", "window", "compression", "kl_heldout")},
     "export_window": config.get("dms_window_size"), "loaded_window": model.dms_cfg.window,
     "paged_equals_dense": paged.tokens()[0] == after, "paged_cr": paged.requests[0].metrics.compression_ratio,
     "reloaded_equals": again == after, "copy_files": sorted(p.name for p in copy_dir.iterdir()),
@@ -121,7 +121,7 @@ def check_retrofit(v: dict, nb, run_dir: Path):
     assert v["steps"] == list(range(1, v["result"]["steps"] + 1))
     assert v["target_cr"][0] == 1.0 and v["target_cr"][-1] == 2.0  # the tiny preset's schedule, 1 -> 2
     assert v["export_window"] == v["loaded_window"] == v["result"]["window"]
-    assert v["result"]["compression_ratio"] > 1.0 and v["result"]["kl_heldout"] >= 0  # training evicts something
+    assert v["result"]["compression"] > 1.0 and v["result"]["kl_heldout"] >= 0  # training evicts something
     assert v["paged_equals_dense"] and v["paged_cr"] >= 1.0
     assert v["reloaded_equals"], "the exported copy must generate the same tokens"
     assert {"config.json", "model.safetensors"} <= set(v["copy_files"])

@@ -1,0 +1,1 @@
+"""Evaluation: reports built from the results files that experiments.evaluate and experiments.distill write."""
