@@ -1,4 +1,4 @@
-"""experiments.evaluate: the smoke sweep (a tiny random model with the default tokenizer, every method) writes the
+"""experiments.evaluate (the CLI over dms_jax.eval): the smoke sweep (a tiny random model with the default tokenizer, every method) writes the
 Pareto JSON with the documented structure, a plot and a markdown table; a second run resumes (skips every point
 already there); the held-out perplexity / KL task; the confidence intervals; the hyper-scaling mode (votes over
 nested prefixes of the chains, memory without prefix sharing, a tiny end-to-end run that resumes)."""
@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from dms_jax.eval import sweep
 from experiments import evaluate
 
 POINT_KEYS = {"method", "task", "ratio", "accuracy", "ci95", "cases", "kv_reads", "peak_tokens", "settings",
@@ -88,8 +89,8 @@ def test_dmc_export_is_evaluated_and_a_non_dmc_export_is_refused(tmp_path):
     from dms_jax import weights
 
     tok = evaluate._tokenizer(None)
-    weights.export_hf(evaluate.tiny_random_model(tok, dmc=True), tmp_path / "dmc")
-    weights.export_hf(evaluate.tiny_random_model(tok), tmp_path / "dms")
+    weights.export_hf(sweep.tiny_random_model(tok, dmc=True), tmp_path / "dmc")
+    weights.export_hf(sweep.tiny_random_model(tok), tmp_path / "dms")
     out = tmp_path / "p.json"
     res = evaluate.main(["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot", "--methods", "dmc",
                          "--dmc-model", str(tmp_path / "dmc")])
@@ -119,18 +120,6 @@ def test_every_wording_family_is_scored_and_the_worst_reported(tmp_path):
         assert p["settings"]["wordings"] == list(families)  # not the identity of a default-wording point
 
 
-def test_wording_families_draw_their_own_cases_and_the_default_keeps_the_old_ones():
-    from dms_jax import tasks
-
-    tok = evaluate._tokenizer(None)
-    s = dict(evaluate.SWEEPS["smoke"], cases=6, depths=[0.5], wordings={"passkey": ["ruler", "natural", "lines"]})
-    cases = evaluate.Runner(s, None, tok, lambda n: None).cases("passkey", 256)
-    assert [c.meta["wording"] for c in cases] == ["ruler"] * 2 + ["natural"] * 2 + ["lines"] * 2
-    old = tasks.make_cases("passkey", tok, 2, evaluate.TASK_SEEDS["passkey"], target_tokens=256, depth=[0.5])
-    assert [c.prompt_ids for c in cases[:2]] == [c.prompt_ids for c in old]
-    assert len({c.answer for c in cases}) == 6  # other needles per family
-
-
 @pytest.mark.parametrize("argv,match", [
     (["--wordings", "all", "--cases", "7"], "does not split evenly"),
     (["--wordings", "ruler,haiku"], "no wording family"),
@@ -139,17 +128,6 @@ def test_wording_errors(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["--sweep", "smoke", "--out", str(tmp_path / "x.json")] + argv)
     assert match in capsys.readouterr().err
-
-
-def test_confidence_intervals():
-    lo, hi = evaluate.wilson_interval(8, 10)
-    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
-    assert evaluate.wilson_interval(0, 5)[0] == 0.0 and evaluate.wilson_interval(5, 5)[1] == 1.0
-    assert evaluate.ci95([1.0, 0.0, 1.0])[1] == "wilson"
-    vals = [0.5, 1.0, 0.0, 0.5]
-    (blo, bhi), how = evaluate.ci95(vals)
-    assert how == "bootstrap" and blo <= np.mean(vals) <= bhi
-    assert evaluate.bootstrap_interval(vals) == (blo, bhi)  # seeded
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -166,57 +144,6 @@ def test_argument_errors(argv, match, capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ hyper-scaling
-
-
-def test_vote_over_nested_prefixes_and_disjoint_blocks():
-    assert evaluate.vote_widths(16) == [1, 2, 4, 8, 16]
-    assert evaluate.vote_widths(12) == [1, 2, 4, 8, 12] and evaluate.vote_widths(1) == [1]
-    ext = ["5", None, "7", "7", "5", "7", "7", "7"]
-    # W=1: "5"; W=2: "5" (None is ignored); W=4: 5, 7, 7 -> "7"; W=8: "7".
-    assert evaluate.nested_vote_scores("arithmetic", ext, "7", [1, 2, 4, 8]) == {1: 0.0, 2: 0.0, 4: 1.0, 8: 1.0}
-    # Disjoint pairs: [5, None] -> 5, [7, 7] -> 7, [5, 7] -> 5 (a tie goes to the first seen), [7, 7] -> 7.
-    assert evaluate.block_vote_score("arithmetic", ext, "7", 2) == 0.5
-    assert evaluate.block_vote_score("arithmetic", ext, "7", 1) == 5 / 8  # W=1: the mean single-chain score
-    assert evaluate.nested_vote_scores("arithmetic", [None, None], "7", [1, 2]) == {1: 0.0, 2: 0.0}
-    # Variable tracking votes on the set of names (JSON lists) and scores the fraction of the answer's names.
-    vt = [["ABCDE"], ["ABCDE", "FGHIJ"], ["ABCDE", "FGHIJ"]]
-    assert evaluate.nested_vote_scores("variable_tracking", vt, "ABCDE FGHIJ", [1, 2, 3]) == {1: 0.5, 2: 0.5,
-                                                                                             3: 1.0}
-    with pytest.raises(ValueError, match="chains"):
-        evaluate.nested_vote_scores("passkey", ["12345"], "12345", [1, 2])
-
-
-def _case(index, answer, extracted, scores, peak, reads, dense=400):
-    n = len(extracted)
-    return {"index": index, "answer": answer, "extracted": extracted, "scores": scores, "peak": peak,
-            "reads": reads, "dense": [dense] * n, "new_tokens": [5] * n, "prefill_reads": 10, "prompt_tokens": 90,
-            "pool_peak_tokens": 200, "seconds": 1.0}
-
-
-def test_memory_accounting_without_prefix_sharing():
-    assert evaluate.chains_total([100, 110, 120, 130], 1) == 100
-    assert evaluate.chains_total([100, 110, 120, 130], 3) == 330
-    # One shared prompt of 13 pages (+1 partly filled), and per chain 1 page of new tokens, 2 spare, 4 copies.
-    assert evaluate.hyperscale_budget_pages(2, 2, 100, 4, 4, 8) == 2 * 2 * (13 + 1 + 4 * (1 + 2 + 4))
-    group = {"method": "dms", "series": "dms", "task": "passkey", "length": 100, "checkpoint": "ck", "layer_heads": 4,
-             "settings": {"ratio": None},
-             "cases": [_case(1, "22222", [None, "22222", "22222", None], [0, 1, 1, 0], [200] * 4, [2000] * 4),
-                       _case(0, "12345", ["12345", "11111", "12345", "12345"], [1, 0, 1, 1], [100, 110, 120, 130],
-                             [1000, 1100, 1200, 1300])]}
-    by = {p["chains"]: p for p in evaluate.hyperscale_points(group)}
-    assert sorted(by) == [1, 2, 4]
-    # W chains hold the sum of their own peaks (prompt included, no sharing); reads likewise; mean over the cases.
-    assert by[1]["peak_tokens"] == (100 + 200) / 2 and by[1]["kv_reads"] == (1000 + 2000) / 2
-    assert by[2]["peak_tokens"] == (210 + 400) / 2 and by[2]["kv_reads"] == (2100 + 4000) / 2
-    assert by[4]["peak_tokens"] == (460 + 800) / 2 and by[4]["kv_reads"] == (4600 + 8000) / 2
-    assert by[4]["peak_tokens_per_head"] == by[4]["peak_tokens"] / 4
-    assert by[1]["accuracy"] == 0.5 and by[2]["accuracy"] == 1.0 and by[4]["accuracy"] == 1.0
-    assert by[1]["ci95"] == list(evaluate.wilson_interval(1, 2)) and by[1]["ci_method"] == "wilson"
-    assert by[1]["accuracy_blocks"] == by[1]["single_chain_accuracy"] == 5 / 8
-    for p in by.values():
-        assert p["cr"] == pytest.approx(400 / (1260 / 8)) and p["cases"] == 2
-        assert p["settings"]["voted"] == p["chains"]
-    assert by[4]["peak_tokens_shared"] == 200 and by[1]["peak_tokens_shared"] is None
 
 
 def test_hyperscale_smoke_end_to_end_and_resume(tmp_path, capsys):
