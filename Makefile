@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs into .venv and runs the main job on the embedded default model
+#   make demo   installs into .venv and runs the main job on the embedded default model: the original and the
+#               shipped DMS retrofit side by side (minutes on a CPU, mostly compilation)
 #   make test   installs into .venv and runs the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo retrofit test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m experiments.demo
+
+# Watch a short live retrofit instead (experiments.distill --preset demo, a few minutes).
+retrofit: install
+	$(PY) -m experiments.demo --retrofit
 
 test: install
 	$(PY) -m pytest -q

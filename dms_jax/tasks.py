@@ -73,6 +73,7 @@ __all__ = [
     "majority_vote",
     "score_answer",
     "chat_prompt_ids",
+    "user_message",
     "resolve_assignments",
 ]
 
@@ -124,6 +125,19 @@ def chat_prompt_ids(
     """Token ids of a chat prompt: optional system message, earlier (user, assistant) turns, the user message,
     the generation prompt, then ``assistant_prefix`` (the start of the answer, may be empty)."""
     return _encode(tokenizer, _chat_text(tokenizer, _messages(user, system, history), assistant_prefix))
+
+
+def user_message(tokenizer, case: "Case") -> str:
+    """The user message of a single-turn case made without a system message or assistant prefix: its prompt text
+    (``meta["prompt"]``) without the chat template around it, e.g. to ask a second question in a later turn
+    (``chat_prompt_ids(tokenizer, question, history=[(user_message(tokenizer, case), answer)])``)."""
+    marker = "\x00USER\x00"
+    head, tail = _chat_text(tokenizer, _messages(marker, None, ())).split(marker)
+    text = case.meta.get("prompt", "")
+    if len(text) < len(head) + len(tail) or not (text.startswith(head) and text.endswith(tail)):
+        raise ValueError("case: its prompt is not one user message in this tokenizer's chat template "
+                         "(made with a system message, an assistant prefix or another tokenizer?)")
+    return text[len(head):len(text) - len(tail)]
 
 
 def _messages(user: str, system: str | None, history: Sequence[tuple[str, str]]) -> list[dict[str, str]]:

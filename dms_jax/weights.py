@@ -153,7 +153,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 # ----------------------------------------------------------------------------------------------- name mapping
 
 
-def _hf_name(path: tuple) -> tuple[str, bool]:
+def hf_name(path: tuple) -> tuple[str, bool]:
     """NNX state path -> (HF tensor name, whether the array is transposed between the two layouts)."""
     parts = [str(p) for p in path]
     leaf = parts[-1]
@@ -170,11 +170,13 @@ def _variable_value(var):
     return var.value if hasattr(var, "value") else var
 
 
-def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
-    """Flat HF-named float32 numpy arrays of the model's parameters."""
+def to_hf_state_dict(model: CausalLM, only: str | None = None) -> dict[str, np.ndarray]:
+    """Flat HF-named float32 numpy arrays of the model's parameters (only: those whose HF name contains it)."""
     out = {}
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = _hf_name(path)
+        name, transposed = hf_name(path)
+        if only is not None and only not in name:
+            continue
         arr = np.asarray(jax.device_get(_variable_value(value)), dtype=np.float32)
         out[name] = arr.T if transposed else arr
     return out
@@ -194,7 +196,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DM
     filled = []
     missing, wrong = [], []
     for path, var in flat:
-        name, transposed = _hf_name(path)
+        name, transposed = hf_name(path)
         shape, vdtype = _variable_value(var).shape, _variable_value(var).dtype
         if name in tensors:
             arr = np.asarray(tensors[name], dtype=np.float32)
@@ -214,7 +216,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, Any], dms_cfg: DM
     # Tensors the architecture has no place for (e.g. q/k/v biases under a config without attention_bias) would
     # otherwise be dropped silently and give wrong logits. Tolerated: the tied lm_head copy, RoPE buffers, and
     # DMS adapter weights when the requested DMS variant has no adapter.
-    expected = {_hf_name(path)[0] for path, _ in flat}
+    expected = {hf_name(path)[0] for path, _ in flat}
     unexpected = sorted(
         k for k in tensors if k not in expected and not k.endswith("rotary_emb.inv_freq")
         and "dms_proj_alpha" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)) if strict else []
@@ -453,12 +455,14 @@ def from_transformers(hf_model, dms_cfg: DMSConfig | None = None, **kw) -> Causa
     return from_hf_state_dict(cfg, tensors, dms_cfg or dms_config_from_hf(hf_model.config.to_dict()), **kw)
 
 
-def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, dmc: DMCConfig | None = None) -> CausalLM:
+def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | str | os.PathLike | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32, dmc: DMCConfig | None = None) -> CausalLM:
     """Loads a supported model from a safetensors directory or a GGUF file (None: the embedded default).
 
     dms / dmc: DMS or DMC settings to add (at most one); by default those stored in the checkpoint's config (or
     none). Passing one replaces whatever the checkpoint stores, so a DMS checkpoint can be loaded as a DMC model.
+    dms may also be the path of an adapter file (dms_jax.adapter.save_adapter): the model is built with its
+    DMSConfig and trained adapter, after checking that this model is the adapter's base model (ValueError if not).
     """
     p = resolve_model_path(path)
     header = read_gguf_header(p) if p.suffix == ".gguf" else None
@@ -471,6 +475,10 @@ def load_model(path: str | os.PathLike | None = None, *, dms: DMSConfig | None =
     tensors = read_gguf(p, cfg, header) if header is not None else read_safetensors_dir(p)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    if isinstance(dms_cfg, (str, os.PathLike)):
+        from dms_jax.adapter import attach_adapter_tensors
+
+        dms_cfg = attach_adapter_tensors(dms_cfg, cfg, tensors, str(p))
     return from_hf_state_dict(cfg, tensors, dms_cfg, dtype=dtype, param_dtype=param_dtype, dmc_cfg=dmc_cfg)
 
 
