@@ -301,7 +301,7 @@ def main(argv=None):
         del van_cache
         print(f"[{time.perf_counter() - t_start:.0f}s] context {n}: DMS (fixed CR {args.cr})", file=sys.stderr,
               flush=True)
-        pol = kvc.FixedRatePolicy(window=args.window, cr=args.cr)
+        pol = kvc.make_policy("fixed", window=args.window, cr=args.cr)
         dms_r, dms_cache, _ = engine_runs(model, prompt, pol, args.chains, args.steps, args.page_size,
                                           args.prefill_chunk, budget, args.attention_backend,
                                           args.new_tokens)

@@ -19,9 +19,9 @@ budget. With a compression ratio ``r`` (all tokens / kept tokens) over a context
   group mean for GQA); the victim is the lowest accumulated score outside the recent window. ``heavy = budget //
   2`` and ``recent = budget - heavy`` by default (the paper's equal split).
 * **StreamingLLM** (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks"): keep the first
-  ``sinks`` tokens (4) plus a window of the most recent ``budget - sinks`` tokens; the oldest non-sink token goes.
-  It is a *decision* policy on the DMS ring: token ``j >= sinks`` is marked for eviction and leaves when it falls
-  out of a window of ``budget - sinks - 1`` positions, so its slot is reused by the incoming token. Keys are cached
+  ``sinks`` tokens (4) plus the ``recent = budget - sinks`` most recent tokens; the oldest non-sink token goes.
+  It is a *decision* policy on the DMS ring: token ``j >= sinks`` is marked for eviction and leaves after a delay
+  of ``recent - 1`` positions (the ring's window), so its slot is reused by the incoming token. Keys are cached
   after RoPE with their original positions (the paper re-indexes positions inside the cache, which matters only
   beyond the pre-trained context length, which we never exceed).
 * **Quest** (Tang et al. 2024, "Query-Aware Sparsity for Efficient Long-Context LLM Inference"): nothing is
@@ -65,14 +65,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dms_jax import cache as kvc
+from dms_jax.config import check_int
 
 Array = jax.Array
 _BIG = float(np.finfo(np.float32).max) / 4  # "no key yet" bound of a page; finite, so 0 * bound is 0, not NaN
-
-
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 def budget_for_ratio(context_tokens: int, ratio: float) -> int:
@@ -108,22 +104,33 @@ def _rank_desc(key: Array) -> Array:
     return jnp.argsort(order, axis=-1).astype(jnp.int32)  # the inverse permutation
 
 
+@dataclasses.dataclass(frozen=True)
+class _BudgetPolicy(kvc.EvictionPolicy):
+    """A baseline with a token budget per (sequence, layer, KV head): kept (TOVA, H2O, StreamingLLM) or read
+    (Quest)."""
+
+    budget: int = 256
+
+    def __post_init__(self):
+        check_int("budget", self.budget, self._min_budget())
+
+    def _min_budget(self) -> int:
+        return 1
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "budget": int(self.budget)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # TOVA and H2O: score-based eviction
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class _ScoredPolicy(kvc.EvictionPolicy):
+class _ScoredPolicy(_BudgetPolicy):
     """Common machinery of TOVA and H2O: per-slot scores and positions in ``cache.policy_state``
     (``{"score": [L, S, H, W] f32, "pos": [L, S, H, W] int32}``, W = the budget rounded up to whole pages), a
     victim chosen from them when a head is full, an extra score pass per decode step and per prefill chunk."""
-
-    budget: int = 256
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_int("budget", self.budget, 1)
 
     def decisions(self, logits, positions, num_kv_heads):
         b, t = positions.shape
@@ -218,9 +225,6 @@ class _ScoredPolicy(kvc.EvictionPolicy):
         pos2 = pos.at[bi, hi, col].set(pos_chunk, mode="drop")
         has = (n_valid > 0)[:, None, None]
         return plan, dict(state, score=jnp.where(has, score2, score), pos=jnp.where(has, pos2, pos))
-
-    def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget)}
 
 
 TOVA_SCOPES = ("layer", "group")
@@ -364,7 +368,7 @@ class TOVAPolicy(_ScoredPolicy):
                                                pos=st["pos"].at[:, slots].set(jnp.where(valid, src, 0))))
 
     def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget), "scope": self.scope, "prefill": self.prefill}
+        return {**super().describe(), "scope": self.scope, "prefill": self.prefill}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +384,7 @@ class H2OPolicy(_ScoredPolicy):
         super().__post_init__()
         if self.recent is None:
             object.__setattr__(self, "recent", self.budget - self.budget // 2)
-        _check_int("recent", self.recent, 1)
+        check_int("recent", self.recent)
         if self.recent > self.budget:
             raise ValueError(f"recent ({self.recent}) must not exceed the budget ({self.budget})")
 
@@ -405,7 +409,7 @@ class H2OPolicy(_ScoredPolicy):
         return pos_all > latest - self.recent
 
     def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget), "heavy": int(self.heavy), "recent": int(self.recent)}
+        return {**super().describe(), "heavy": int(self.heavy), "recent": int(self.recent)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,27 +418,38 @@ class H2OPolicy(_ScoredPolicy):
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingPolicy(kvc.EvictionPolicy):
-    """StreamingLLM: the first ``sinks`` tokens plus the latest ``budget - sinks`` tokens. Implemented as DMS-style
-    decisions (token ``j >= sinks`` marked) with ``window = budget - sinks - 1``: the marked token leaving the
-    window is the oldest non-sink token, and the incoming token takes its slot."""
+class StreamingPolicy(_BudgetPolicy):
+    """StreamingLLM: the first ``sinks`` tokens plus the ``recent = budget - sinks`` latest tokens. Implemented as
+    DMS-style decisions (token ``j >= sinks`` marked) with a delay of ``recent - 1`` positions
+    (``delay_window``): the marked token leaving it is the oldest non-sink token, and the incoming token takes its
+    slot."""
 
     name: ClassVar[str] = "streaming"
-    budget: int = 256
     sinks: int = 4
 
     def __post_init__(self):
-        _check_int("sinks", self.sinks, 0)
-        _check_int("budget", self.budget, self.sinks + 2)
-        object.__setattr__(self, "window", self.budget - self.sinks - 1)
+        check_int("sinks", self.sinks, 0)
         super().__post_init__()
+
+    def _min_budget(self) -> int:
+        return self.sinks + 2  # at least two recent tokens: a delay of >= 1 position
+
+    @property
+    def recent(self) -> int:
+        """The span of latest tokens kept besides the sinks (the query's own included)."""
+        return self.budget - self.sinks
+
+    @property
+    def delay_window(self) -> int:
+        # A marked token is seen by ring_size(delay) = recent queries: its own and the recent - 1 after it.
+        return self.recent - 1
 
     def decisions(self, logits, positions, num_kv_heads):
         d = positions - 1 >= self.sinks  # the decision computed at p is for token p - 1 (the one-token shift)
         return jnp.broadcast_to(d[:, None, :], (positions.shape[0], num_kv_heads, positions.shape[1]))
 
     def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget), "sinks": int(self.sinks), "window": int(self.window)}
+        return {**super().describe(), "sinks": int(self.sinks), "recent": int(self.recent)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,7 +481,7 @@ def quest_select(bounds: Array, lengths: Array, page_size: int, top_pages: int) 
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestPolicy(kvc.EvictionPolicy):
+class QuestPolicy(_BudgetPolicy):
     """Quest: no eviction; each decode query reads the ``budget // page_size`` pages with the highest key-bound
     plus the current page. State: ``kmin`` / ``kmax`` ``[L, S, H, M, D]`` per logical page, ``reads`` ``[L, S,
     H]`` the last step's token reads (selected tokens + metadata), ``dense`` ``[L, S]`` whether the layer reads
@@ -478,13 +493,11 @@ class QuestPolicy(kvc.EvictionPolicy):
     zeroes its rows, and a slot is always prefilled before it decodes."""
 
     name: ClassVar[str] = "quest"
-    budget: int = 256
     dense_layers: int = 2
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("budget", self.budget, 1)
-        _check_int("dense_layers", self.dense_layers, 0)
+        check_int("dense_layers", self.dense_layers, 0)
 
     def _dense_rows(self, num_layers: int, rows: int) -> Array:
         return jnp.broadcast_to((jnp.arange(num_layers) < self.dense_layers)[:, None], (num_layers, rows))
@@ -561,7 +574,7 @@ class QuestPolicy(kvc.EvictionPolicy):
         return jnp.sum(cache.policy_state["reads"], axis=(0, 2), dtype=jnp.int32)
 
     def describe(self) -> dict:
-        return {"policy": self.name, "budget": int(self.budget), "dense_layers": int(self.dense_layers)}
+        return {**super().describe(), "dense_layers": int(self.dense_layers)}
 
 
 BASELINES = {"tova": TOVAPolicy, "h2o": H2OPolicy, "streaming": StreamingPolicy, "quest": QuestPolicy}

@@ -12,9 +12,9 @@ Memory layout (DESIGN.md section 1, "Reference cache"):
   (``jnp.nonzero(refcount == 0, size=...)``) are handed out in head order.
 * ``block_tables`` ``[L, S, Hkv, M]`` and ``lengths`` ``[L, S, Hkv]``: slots ``0 .. length-1`` of a head's pages (in
   table order) hold its live tokens, in no particular temporal order (RoPE is applied before caching).
-* the ring of the last ``R = window + 1`` tokens of each head: ``ring_slot`` (where the token lives) and
-  ``ring_dec`` (its eviction decision; "pending" = keep until the next token's logit is known). Token ``p`` sits at
-  ring index ``p % R``.
+* the ring of the last ``R = dms.ring_size(window) = window + 1`` tokens of each head: ``ring_slot`` (where the
+  token lives) and ``ring_dec`` (its eviction decision; "pending" = keep until the next token's logit is known).
+  Token ``p`` sits at ring index ``p % R``.
 * ``num_tokens`` ``[S]``: tokens written so far per sequence (= the position of the next token).
 
 The DMS update for an incoming token at position ``t`` (identical for every head, vectorised over all of them):
@@ -23,8 +23,8 @@ decision is 1 its slot is *overwritten* by the new token (length unchanged, the 
 the new token is *appended* at slot ``length`` and takes a new page when ``length`` is a multiple of the page
 size. The decision for token ``t - 1`` is the logit computed at ``t`` (the one-token shift); it is stored in the
 ring after the forward of token ``t``. The invariant: after inserting token ``t`` the head holds exactly the tokens
-``{j <= t : t - j <= window or d_j = 0}`` -- the visible set of the hard-mode attention mask -- so live slots equal
-live tokens and memory is actually freed (not masked).
+``{j <= t : t - j <= window or d_j = 0}`` (``dms.visible_if_marked``) -- the visible set of the hard-mode
+attention mask -- so live slots equal live tokens and memory is actually freed (not masked).
 
 Eviction policies (`EvictionPolicy`) decide *which* tokens go; this file implements "vanilla" (no eviction),
 "dms" (the model's learned decisions) and "fixed" (a position pattern with a chosen compression ratio, for
@@ -59,6 +59,7 @@ import numpy as np
 from flax import struct
 
 from dms_jax import dmc, dms
+from dms_jax.config import DMCConfig, DMSConfig, check_int
 
 Array = jax.Array
 
@@ -76,7 +77,8 @@ class CacheSpec:
 
     num_pages: the memory budget in pages (the pool holds one more page, the sink). max_seqs: sequence slots.
     max_pages_per_head: block-table width (pages one head may hold: ceil(max tokens / page_size)).
-    window: the DMS window (the ring holds window + 1 tokens). dtype: K/V storage dtype name.
+    window: the delay of the ring's evictions (``dms.visible_if_marked``; the ring holds ``dms.ring_size(window)``
+    tokens), the policy's ``delay_window``. dtype: K/V storage dtype name.
     """
 
     num_layers: int
@@ -90,11 +92,10 @@ class CacheSpec:
     dtype: str = "float32"
 
     def __post_init__(self):
+        # Shapes of the arrays init_cache makes (window: the ring's), so each must be a positive integer.
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_pages", "page_size", "max_seqs",
                      "max_pages_per_head", "window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, getattr(self, name))
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property
@@ -103,7 +104,7 @@ class CacheSpec:
 
     @property
     def ring(self) -> int:
-        return self.window + 1
+        return dms.ring_size(self.window)
 
     @property
     def bytes_per_page(self) -> int:
@@ -118,10 +119,8 @@ class CacheSpec:
     def create(cls, *, num_layers, num_kv_heads, head_dim, max_seqs, max_context, window, page_size=16,
                num_pages=None, dtype="float32") -> "CacheSpec":
         """num_pages=None: enough for every sequence to keep every token (no eviction, no sharing)."""
-        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context < 1:
-            raise ValueError(f"max_context must be an integer >= 1, got {max_context!r}")
-        if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
-            raise ValueError(f"page_size must be an integer >= 1, got {page_size!r}")
+        check_int("max_context", max_context)
+        check_int("page_size", page_size)
         m = -(-int(max_context) // int(page_size))
         if num_pages is None:
             num_pages = num_layers * max_seqs * num_kv_heads * m
@@ -186,8 +185,8 @@ class EvictionPolicy:
 
     * ``decisions(logits, positions)``: ``logits`` ``[B, Hkv, T]`` are the model's decision logits computed at
       ``positions`` ``[B, T]`` (``None`` when ``uses_model_decisions`` is False). Returns the 0/1 (bool) eviction
-      decision for the token at ``positions - 1`` (the one-token shift). A marked token stays ``window`` more
-      positions, then its slot is reused. Vanilla returns all False.
+      decision for the token at ``positions - 1`` (the one-token shift). A marked token stays ``delay_window``
+      more positions (``dms.visible_if_marked``), then its slot is reused. Vanilla returns all False.
     * ``victims(ring_victim, lengths, state, num_tokens)``: ``[L, S, Hkv]`` slot the incoming decode token
       overwrites (-1 = append). The default is the ring's answer (the token leaving the window, if marked).
       Score-based policies (TOVA, H2O) return their own victim slot here, chosen from per-slot scores they keep
@@ -209,17 +208,20 @@ class EvictionPolicy:
     only the "dms" and "dmc" policies do; the others run the model unchanged. ``merges`` (DMC only) switches the
     engine to its merge paths: ``decisions`` are then each token's own merge decisions and the state is the
     accumulation window (``DMCPolicy``). ``init_state(spec)`` builds the policy's
-    state (None for the stateless policies; then every hook above is free).
+    state (None for the stateless policies; then every hook above is free). ``delay_window`` sizes the cache's
+    ring (``CacheSpec.window``).
     """
 
     name: ClassVar[str] = "base"
     # True only for DMC: tokens merge into slots instead of being evicted (the engine runs its DMC paths).
     merges: ClassVar[bool] = False
-    window: int = 1
 
-    def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+    @property
+    def delay_window(self) -> int:
+        """How many positions a token marked by ``decisions`` stays visible (``dms.visible_if_marked``); the
+        cache's ring holds ``dms.ring_size`` of it. 1 (the smallest ring) for the policies that mark nothing,
+        whose ring is never read."""
+        return 1
 
     @property
     def uses_model_decisions(self) -> bool:
@@ -262,7 +264,7 @@ class EvictionPolicy:
         return jnp.sum(cache.lengths, axis=(0, 2), dtype=jnp.int32)
 
     def describe(self) -> dict:
-        return {"policy": self.name, "window": int(self.window)}
+        return {"policy": self.name}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,16 +282,22 @@ class VanillaPolicy(EvictionPolicy):
 
 
 @dataclasses.dataclass(frozen=True)
-class DMSPolicy(EvictionPolicy):
-    """The model's learned hard decisions: token j is evicted iff the logit computed at j + 1 is > 0."""
+class _RingPolicy(EvictionPolicy):
+    """A policy that marks tokens with the DMS delay of ``dms_cfg`` (its window; the model's DMSConfig for "dms")."""
+
+    dms_cfg: DMSConfig
+
+    @property
+    def delay_window(self) -> int:
+        return self.dms_cfg.window
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSPolicy(_RingPolicy):
+    """The model's learned hard decisions: token j is evicted iff the logit computed at j + 1 is > 0, with the window
+    and ``alpha_per`` of the model's DMSConfig."""
 
     name: ClassVar[str] = "dms"
-    alpha_per: str = "head"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.alpha_per not in dms.ALPHA_PER:
-            raise ValueError(f"alpha_per must be one of {dms.ALPHA_PER}, got {self.alpha_per!r}")
 
     @property
     def uses_model_decisions(self) -> bool:
@@ -298,25 +306,24 @@ class DMSPolicy(EvictionPolicy):
     def decisions(self, logits, positions, num_kv_heads):
         if logits is None:
             raise ValueError("the dms policy needs the model's decision logits")
-        return dms.hard_decisions(dms.apply_alpha_per(logits, self.alpha_per)) > 0.5
+        return dms.hard_decisions(dms.apply_alpha_per(logits, self.dms_cfg.alpha_per)) > 0.5
 
     def describe(self) -> dict:
-        return {"policy": self.name, "window": int(self.window), "alpha_per": self.alpha_per}
+        return {"policy": self.name, "window": int(self.delay_window), "alpha_per": self.dms_cfg.alpha_per}
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedRatePolicy(EvictionPolicy):
+class FixedRatePolicy(_RingPolicy):
     """Fixed decisions with a chosen compression ratio: token j is kept iff ``j % cr == 0``, else evicted once it
-    leaves the window. Outside the window this keeps exactly one token in ``cr``; the model is not consulted
-    (for benchmarks of memory and speed without a retrofitted checkpoint)."""
+    leaves the window of ``dms_cfg`` (the DMS model it stands in for; only its window is used). Outside the window
+    this keeps exactly one token in ``cr``; the model is not consulted (for benchmarks of memory and speed without
+    a retrofitted checkpoint)."""
 
     name: ClassVar[str] = "fixed"
     cr: int = 8
 
     def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.cr, bool) or not isinstance(self.cr, (int, np.integer)) or self.cr < 1:
-            raise ValueError(f"cr must be an integer >= 1, got {self.cr!r}")
+        check_int("cr", self.cr)
 
     def decisions(self, logits, positions, num_kv_heads):
         owner = positions - 1
@@ -324,15 +331,15 @@ class FixedRatePolicy(EvictionPolicy):
         return jnp.broadcast_to(d[:, None, :], (positions.shape[0], num_kv_heads, positions.shape[1]))
 
     def describe(self) -> dict:
-        return {"policy": self.name, "window": int(self.window), "cr": int(self.cr)}
+        return {"policy": self.name, "window": int(self.delay_window), "cr": int(self.cr)}
 
 
 @dataclasses.dataclass(frozen=True)
 class DMCPolicy(EvictionPolicy):
     """DMC: nothing is evicted; each token appends a slot or merges into its head's last slot (module docstring).
 
-    ``window`` is the model's accumulation window W (``DMCConfig.accumulation_window``), the size of the per-head
-    window state (``init_state``); the DMS ring is unused. ``decisions`` returns the hard merge decision of each
+    ``dmc_cfg`` is the model's DMCConfig: its ``accumulation_window`` W sizes the per-head window state
+    (``init_state``); the DMS ring is unused. ``decisions`` returns the hard merge decision of each
     token itself (logit > 0, never for position 0). ``victims`` says "append" for every head: the page check made
     before a decode step's forward, which is what decides the merges, reserves that worst case (a merge never needs
     more pages than an append; see ``dmc_decode_slots``).
@@ -340,6 +347,11 @@ class DMCPolicy(EvictionPolicy):
 
     name: ClassVar[str] = "dmc"
     merges: ClassVar[bool] = True
+    dmc_cfg: DMCConfig = DMCConfig()
+
+    @property
+    def accumulation_window(self) -> int:
+        return self.dmc_cfg.accumulation_window
 
     @property
     def uses_model_decisions(self) -> bool:
@@ -355,42 +367,49 @@ class DMCPolicy(EvictionPolicy):
         return jnp.full_like(lengths, -1)
 
     def init_state(self, spec: "CacheSpec") -> Any:
-        L, S, H, W, D = spec.num_layers, spec.max_seqs, spec.num_kv_heads, self.window, spec.head_dim
+        L, S, H, W, D = spec.num_layers, spec.max_seqs, spec.num_kv_heads, self.accumulation_window, spec.head_dim
         return {"win_k": jnp.zeros((L, S, H, W, D), spec.dtype), "win_v": jnp.zeros((L, S, H, W, D), spec.dtype),
                 "win_w": jnp.zeros((L, S, H, W), jnp.float32), "seg_len": jnp.zeros((L, S, H), jnp.int32)}
 
     def describe(self) -> dict:
-        return {"policy": self.name, "accumulation_window": int(self.window)}
+        return {"policy": self.name, "accumulation_window": int(self.accumulation_window)}
 
 
 POLICIES = ("vanilla", "dms", "fixed", "tova", "h2o", "streaming", "quest", "dmc")
 
 
-def make_policy(name: str | EvictionPolicy, dms_cfg=None, *, dmc_cfg=None, **kw) -> EvictionPolicy:
-    """A policy by name: "vanilla", "dms" (window / alpha_per from the model's DMSConfig unless given), "fixed",
-    "dmc" (window = the accumulation window of ``dmc_cfg``, the model's DMCConfig, unless given), or a baseline of
-    ``dms_jax.baselines`` ("tova", "h2o", "streaming", "quest"; keyword ``budget`` = tokens per KV head)."""
+def make_policy(name: str | EvictionPolicy, dms_cfg: DMSConfig | None = None, *, dmc_cfg: DMCConfig | None = None,
+                **kw) -> EvictionPolicy:
+    """A policy by name: "vanilla"; "dms" and "fixed" (the model's DMSConfig ``dms_cfg``, with ``window`` /
+    ``alpha_per`` overriding its fields when given; "fixed" also takes ``cr``); "dmc" (the model's DMCConfig
+    ``dmc_cfg``, ``accumulation_window`` overriding it); or a baseline of ``dms_jax.baselines`` ("tova", "h2o",
+    "streaming", "quest"; keyword ``budget`` = tokens per KV head)."""
     if isinstance(name, EvictionPolicy):
         return name
     if name == "vanilla":
         return VanillaPolicy()
     if name == "dmc":
-        if dmc_cfg is None and "window" not in kw:
-            raise ValueError("policy 'dmc' needs a model with a DMCConfig (or an explicit window)")
-        return DMCPolicy(window=kw.pop("window", None) or dmc_cfg.accumulation_window, **kw)
-    if name == "dms":
+        if dmc_cfg is None and "accumulation_window" not in kw:
+            raise ValueError("policy 'dmc' needs a model with a DMCConfig (or an explicit accumulation_window)")
+        return DMCPolicy(_with_fields(dmc_cfg or DMCConfig(), kw, ("accumulation_window",)), **kw)
+    if name in ("dms", "fixed"):
         if dms_cfg is None and "window" not in kw:
-            raise ValueError("policy 'dms' needs a model with a DMSConfig (or an explicit window)")
-        window = kw.pop("window", None) or dms_cfg.window
-        alpha_per = kw.pop("alpha_per", None) or (dms_cfg.alpha_per if dms_cfg is not None else "head")
-        return DMSPolicy(window=window, alpha_per=alpha_per, **kw)
-    if name == "fixed":
-        return FixedRatePolicy(**kw)
+            raise ValueError(f"policy {name!r} needs a model with a DMSConfig (or an explicit window)")
+        cfg = _with_fields(dms_cfg or DMSConfig(), kw, ("window", "alpha_per"))
+        return DMSPolicy(cfg, **kw) if name == "dms" else FixedRatePolicy(cfg, **kw)
     if name in ("tova", "h2o", "streaming", "quest"):
         from dms_jax import baselines  # baselines builds on this module
 
         return baselines.BASELINES[name](**kw)
     raise ValueError(f"unknown eviction policy {name!r}; known: {POLICIES}")
+
+
+def _with_fields(cfg, kw: dict, fields: tuple[str, ...]):
+    """``cfg`` with the given ``fields`` taken out of ``kw`` (popped) where present and not None; the config
+    validates them."""
+    given = {f: kw.pop(f) for f in fields if f in kw}
+    given = {f: v for f, v in given.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -660,19 +679,26 @@ def marked_positions(ring_slot: Array, ring_dec: Array, num_tokens: Array, width
         jnp.broadcast_to(pos[:, None, :], (b, h, r)), mode="drop")
 
 
+def marked_gone(marked_pos: Array, q_pos: Array, window: int) -> Array:
+    """``[B, H, C, W]``: which cached slots are gone for each chunk query -- those holding a token marked for
+    eviction that the query no longer sees (``dms.visible_if_marked``). marked_pos ``[B, H, W]``
+    (``marked_positions``: -1 for a slot kept for good), q_pos ``[B, C]``."""
+    mp = marked_pos[:, :, None, :]
+    return (mp >= 0) & ~dms.visible_if_marked(q_pos[:, None, :, None], mp, window)
+
+
 def cached_visibility(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array, q_pos: Array,
                       width_tokens: int, window: int) -> Array:
     """Which cached slots each chunk query may attend to: ``[B, H, C, width_tokens]`` bool.
 
     lengths ``[B, H]``, ring ``[B, H, R]``, num_tokens ``[B]`` (before the chunk), q_pos ``[B, C]``. A cached slot
     ``< length`` is visible unless it holds a ring token marked for eviction whose window has passed for the
-    query (``q - p > window``). Slots outside the ring hold tokens with decision 0 (kept forever): a marked token
+    query (``marked_gone``). Slots outside the ring hold tokens with decision 0 (kept forever): a marked token
     is overwritten the moment it leaves the window.
     """
     mp = marked_positions(ring_slot, ring_dec, num_tokens, width_tokens)
     live = jnp.arange(width_tokens)[None, None, :] < lengths[..., None]  # [B, H, W]
-    gone = (mp[:, :, None, :] >= 0) & (q_pos[:, None, :, None] - mp[:, :, None, :] > window)
-    return live[:, :, None, :] & ~gone
+    return live[:, :, None, :] & ~marked_gone(mp, q_pos, window)
 
 
 def cached_reads(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Array, q_pos: Array, q_valid: Array,
@@ -682,7 +708,7 @@ def cached_reads(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: 
     r = ring_slot.shape[-1]
     pos = ring_positions(num_tokens, r)  # [B, R]
     marked = (pos >= 0)[:, None, :] & ring_dec  # [B, H, R]
-    gone = marked[:, :, None, :] & (q_pos[:, None, :, None] - pos[:, None, None, :] > window)  # [B, H, C, R]
+    gone = marked_gone(jnp.where(marked, pos[:, None, :], -1), q_pos, window)  # [B, H, C, R]
     per_q = lengths[:, :, None] - jnp.sum(gone, axis=-1, dtype=jnp.int32)
     return jnp.sum(jnp.where(q_valid[:, None, :], per_q, 0), axis=(1, 2), dtype=jnp.int32)
 
@@ -717,9 +743,7 @@ def plan_chunk(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Ar
     b, h, c_max = dec_chunk.shape
     r = ring_slot.shape[-1]
     k = jnp.arange(c_max)
-    c = n_valid[:, None, None]
-    n = num_tokens[:, None, None]
-    in_chunk = k[None, None, :] < c  # [B, 1, C]
+    in_chunk = k[None, None, :] < n_valid[:, None, None]  # [B, 1, C]
     # Older ring tokens leaving the window during the chunk (chunk indices k < R).
     kr = min(r, c_max)
     ko = jnp.arange(kr)
@@ -727,31 +751,12 @@ def plan_chunk(lengths: Array, ring_slot: Array, ring_dec: Array, num_tokens: Ar
     leave_valid = (num_tokens[:, None] + ko[None, :] >= r) & (ko[None, :] < n_valid[:, None])  # [B, Kr]
     old_dec = jnp.take_along_axis(ring_dec, jnp.broadcast_to(ridx[:, None, :], (b, h, kr)), axis=-1)
     old_slot = jnp.take_along_axis(ring_slot, jnp.broadcast_to(ridx[:, None, :], (b, h, kr)), axis=-1)
-    hole = old_dec & leave_valid[:, None, :]
-    n_holes = jnp.sum(hole, axis=-1, dtype=jnp.int32)
-    hrank = jnp.cumsum(hole.astype(jnp.int32), axis=-1) - 1
-    bi = jnp.arange(b)[:, None, None]
-    hi = jnp.arange(h)[None, :, None]
-    holes = jnp.zeros((b, h, kr), jnp.int32).at[bi, hi, jnp.where(hole, hrank, kr)].set(old_slot, mode="drop")
     # Chunk tokens evicted within the chunk: marked and pushed out by a later chunk token.
-    evicted = dec_chunk & (k[None, None, :] + r < c)
+    evicted = dec_chunk & (k[None, None, :] + r < n_valid[:, None, None])
     surv = in_chunk & ~evicted
-    n_surv = jnp.sum(surv, axis=-1, dtype=jnp.int32)
-    srank = jnp.cumsum(surv.astype(jnp.int32), axis=-1) - 1
-    from_hole = jnp.take_along_axis(holes, jnp.clip(srank, 0, kr - 1), axis=-1)
-    target = jnp.where(srank < n_holes[..., None], from_hole, lengths[..., None] + srank - n_holes[..., None])
-    new_lengths = lengths + n_surv - n_holes
-    have = pages_for(lengths, page_size)
-    want = pages_for(new_lengths, page_size)
-    j_max = -(-c_max // page_size) + 1
-    need = jnp.arange(j_max)[None, None, :] < (want - have)[..., None]
+    plan = _fill_holes(lengths, old_dec & leave_valid[:, None, :], old_slot, surv, page_size)
     # The ring after the chunk: its last min(c, R) tokens (all alive) replace their entries.
-    last = in_chunk & (k[None, None, :] >= c - r)
-    ent = jnp.where(last, (n + k[None, None, :]) % r, r)  # r -> dropped
-    ring_slot = ring_slot.at[bi, hi, ent].set(target, mode="drop")
-    ring_dec = ring_dec.at[bi, hi, ent].set(dec_chunk, mode="drop")
-    return ChunkPlan(target=target, write=surv, new_lengths=new_lengths, have=have, need=need,
-                     ring_slot=ring_slot, ring_dec=ring_dec)
+    return _ring_after_chunk(plan, ring_slot, ring_dec, num_tokens, n_valid, plan.target, dec_chunk)
 
 
 def plan_chunk_explicit(lengths: Array, hole: Array, surv: Array, ring_slot: Array, ring_dec: Array,
@@ -762,31 +767,50 @@ def plan_chunk_explicit(lengths: Array, hole: Array, surv: Array, ring_slot: Arr
     policy that keeps ``min(budget, cached + chunk)`` tokens with ``cached <= budget`` does), so live slots stay
     ``0 .. length-1``. The ring gets the last chunk tokens with decision 0 (these policies never use it)."""
     b, h, w = hole.shape
+    slots = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, h, w))
+    plan = _fill_holes(lengths, hole, slots, surv, page_size)
+    return _ring_after_chunk(plan, ring_slot, ring_dec, num_tokens, n_valid, jnp.where(surv, plan.target, 0),
+                             jnp.zeros(surv.shape, bool))
+
+
+def _fill_holes(lengths: Array, hole: Array, hole_slot: Array, surv: Array, page_size: int) -> ChunkPlan:
+    """The slots of a chunk's surviving tokens (both chunk plans): the freed slots first -- ``hole_slot``
+    ``[B, H, K]`` where ``hole`` -- in order, then appended after ``lengths`` ``[B, H]``; the new lengths and the
+    fresh pages that takes. surv ``[B, H, C]``. The ring fields are left None, for ``_ring_after_chunk``."""
+    b, h, kh = hole.shape
     c_max = surv.shape[-1]
-    r = ring_slot.shape[-1]
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(h)[None, :, None]
     n_holes = jnp.sum(hole, axis=-1, dtype=jnp.int32)
     hrank = jnp.cumsum(hole.astype(jnp.int32), axis=-1) - 1
-    slots = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, h, w))
-    holes = jnp.zeros((b, h, w), jnp.int32).at[bi, hi, jnp.where(hole, hrank, w)].set(slots, mode="drop")
+    holes = jnp.zeros((b, h, kh), jnp.int32).at[bi, hi, jnp.where(hole, hrank, kh)].set(hole_slot, mode="drop")
     n_surv = jnp.sum(surv, axis=-1, dtype=jnp.int32)
     srank = jnp.cumsum(surv.astype(jnp.int32), axis=-1) - 1
-    from_hole = jnp.take_along_axis(holes, jnp.clip(srank, 0, w - 1), axis=-1)
+    from_hole = jnp.take_along_axis(holes, jnp.clip(srank, 0, kh - 1), axis=-1)
     target = jnp.where(srank < n_holes[..., None], from_hole, lengths[..., None] + srank - n_holes[..., None])
     new_lengths = lengths + n_surv - n_holes
     have = pages_for(lengths, page_size)
     want = pages_for(new_lengths, page_size)
     j_max = -(-c_max // page_size) + 1
     need = jnp.arange(j_max)[None, None, :] < (want - have)[..., None]
-    k = jnp.arange(c_max)
-    c = n_valid[:, None, None]
-    last = (k[None, None, :] < c) & (k[None, None, :] >= c - r)
-    ent = jnp.where(last, (num_tokens[:, None, None] + k[None, None, :]) % r, r)  # r -> dropped
-    ring_slot = ring_slot.at[bi, hi, ent].set(jnp.where(surv, target, 0), mode="drop")
-    ring_dec = ring_dec.at[bi, hi, ent].set(False, mode="drop")
     return ChunkPlan(target=target, write=surv, new_lengths=new_lengths, have=have, need=need,
-                     ring_slot=ring_slot, ring_dec=ring_dec)
+                     ring_slot=None, ring_dec=None)
+
+
+def _ring_after_chunk(plan: ChunkPlan, ring_slot: Array, ring_dec: Array, num_tokens: Array, n_valid: Array,
+                      slot: Array, dec: Array) -> ChunkPlan:
+    """``plan`` with the ring after the chunk: the chunk's last ``min(c, R)`` tokens take their entries
+    ``(n + k) % R`` with slot ``slot`` and decision ``dec`` (both ``[B, H, C]``)."""
+    b, h, c_max = slot.shape
+    r = ring_slot.shape[-1]
+    k = jnp.arange(c_max)[None, None, :]
+    c = n_valid[:, None, None]
+    last = (k < c) & (k >= c - r)
+    ent = jnp.where(last, (num_tokens[:, None, None] + k) % r, r)  # r -> dropped
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    return plan.replace(ring_slot=ring_slot.at[bi, hi, ent].set(slot, mode="drop"),
+                        ring_dec=ring_dec.at[bi, hi, ent].set(dec, mode="drop"))
 
 
 def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array,

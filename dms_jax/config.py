@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (Python or numpy, not a bool) >= ``minimum``.
+
+    Why so strict: these settings become shapes, loop bounds and jit static arguments, where a float or a bool
+    would either fail far from its source or silently mean something else (``True`` is 1).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +191,8 @@ class DMSConfig:
     def __post_init__(self):
         if self.variant not in ("neuron", "adapter"):
             raise ValueError(f"variant must be 'neuron' or 'adapter', got {self.variant!r}")
-        if int(self.window) != self.window or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window}")
+        # The one check of the DMS window: policies and caches take it from here (dms.visible_if_marked).
+        check_int("window", self.window)
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.alpha_per not in ("head", "layer"):
@@ -207,9 +218,7 @@ class DMCConfig:
     logit_scale: float = 1.0
 
     def __post_init__(self):
-        w = self.accumulation_window
-        if isinstance(w, bool) or int(w) != w or w < 1:
-            raise ValueError(f"accumulation_window must be an integer >= 1, got {w!r}")
+        check_int("accumulation_window", self.accumulation_window)
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if not math.isfinite(self.logit_offset):

@@ -148,24 +148,23 @@ def _delay(x: Array, m: int, axis: int) -> Array:
     return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, size, axis=axis)
 
 
-def accumulate(x: Array, alpha: Array, importance: Array, window: int) -> Array:
+def accumulate(x: Array, alpha: Array, importance: Array, accumulation_window: int) -> Array:
     """Every intermediate DMC state of a sequence: ``x`` ``[B, T, H, D]`` -> states ``[B, T, H, D]``.
 
     ``alpha`` ``[B, H, T]`` in ``[0, 1]`` (soft in training, 0/1 in hard mode; 0 where a segment starts),
     ``importance`` ``[B, H, T]`` > 0.  ``state_t = sum_m c_{t,m} x_{t-m} / sum_m c_{t,m}`` over the last
-    ``window`` tokens, ``c_{t,m} = importance_{t-m} * prod_{i=t-m+1}^{t} alpha_i`` (module docstring).
-    Computed in float32 by ``window`` shifted multiply-adds (``O(window * T * D)``, no ``T x T`` matrix);
-    returned in ``x``'s dtype.  Feed it the keys *before* RoPE and the values.
+    ``accumulation_window`` (W, ``DMCConfig.accumulation_window``) tokens, ``c_{t,m} = importance_{t-m} *
+    prod_{i=t-m+1}^{t} alpha_i`` (module docstring).  Computed in float32 by W shifted multiply-adds
+    (``O(W * T * D)``, no ``T x T`` matrix); returned in ``x``'s dtype.  Feed it the keys *before* RoPE and the
+    values.  W is validated where it is set (``DMCConfig``).
     """
-    if int(window) != window or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
     xf = x.astype(jnp.float32)
     a = jnp.swapaxes(alpha.astype(jnp.float32), 1, 2)[..., None]  # [B, T, H, 1]
     w = jnp.swapaxes(importance.astype(jnp.float32), 1, 2)[..., None]
     carry = jnp.ones_like(a)  # prod_{i=t-m+1}^{t} alpha_i, built up one factor per lag
     num = w * xf
     den = w
-    for m in range(1, int(window)):
+    for m in range(1, int(accumulation_window)):
         carry = carry * _delay(a, m - 1, axis=1)
         coeff = carry * _delay(w, m, axis=1)  # 0 before the sequence start (zero padding)
         num = num + coeff * _delay(xf, m, axis=1)
@@ -272,7 +271,9 @@ def kv_stats(decisions: Array, valid: Array | None) -> dict[str, Array]:
     evaluation code can sum either; DMC has no delay window, so every token counts as "old":
 
     * ``n_tokens``: ``L * Hkv * n_b``; ``n_live``: slots at the end (= peak, slots never disappear);
-    * ``n_old = n_tokens``, ``n_old_kept = n_live``, ``cr_outside_window = cache_ratio = n_tokens / n_live``;
+    * ``n_old = n_tokens``, ``n_old_kept = n_live``, ``cr_outside_window = cache_ratio = n_tokens / n_live``
+      (built by :func:`dms.kv_stats_from_counts`; a sequence of tokens but no slot, which hard merge decisions
+      never give since a first token appends, would have ``cr_outside_window`` +inf and ``cache_ratio`` 1);
     * ``token_reads``: over all valid queries, the slots they attend to (the slots appended up to and
       including that query); ``token_reads_dense`` the same for a dense cache.
     """
@@ -288,14 +289,4 @@ def kv_stats(decisions: Array, valid: Array | None) -> dict[str, Array]:
     n_live = jnp.sum(appended, axis=(0, 2, 3))
     slots_seen = jnp.cumsum(appended, axis=-1)  # slots in the cache when each query attends
     token_reads = jnp.sum(jnp.where(v, slots_seen, 0.0), axis=(0, 2, 3))
-    ratio = jnp.where(n_live > 0, n_tokens / jnp.maximum(n_live, 1.0), 1.0)
-    return {
-        "n_tokens": n_tokens,
-        "n_live": n_live,
-        "n_old": n_tokens,
-        "n_old_kept": n_live,
-        "cr_outside_window": ratio,
-        "cache_ratio": ratio,
-        "token_reads": token_reads,
-        "token_reads_dense": scale * n * (n + 1.0) / 2.0,
-    }
+    return dms.kv_stats_from_counts(n_tokens, n_live, n_tokens, n_live, token_reads, scale * n * (n + 1.0) / 2.0)

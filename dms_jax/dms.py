@@ -15,7 +15,8 @@ Timing of a decision ("one-token shift"): the logit computed *at* position ``t``
 whose K/V may be evicted.  A token ``j`` whose (shifted) decision is 1 stays visible to queries
 ``i <= j + window`` and is gone for every query ``i >= j + window + 1``; a token with decision 0 is kept
 forever.  The training mask (soft), the prefill mask (hard) and the delayed-eviction cache all implement
-exactly this rule; :func:`dms_attention_bias` is the single place that builds it.
+exactly this rule; :func:`visible_if_marked` is the single place that states it and
+:func:`dms_attention_bias` the single place that builds the bias from it.
 
 Facts confirmed in the public PyTorch reference (NVIDIA Model-Optimizer, ``experimental/dms``):
 
@@ -33,12 +34,12 @@ Facts confirmed in the public PyTorch reference (NVIDIA Model-Optimizer, ``exper
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dms_jax.config import check_int
 
 Array = jax.Array
 
@@ -55,7 +56,6 @@ MASK_VALUE = -1e30
 # sigmoid(-1000 / tau) is exactly 0 and log_sigmoid(+1000 / tau) is exactly 0 in float32.
 KEEP_LOGIT = -1000.0
 
-VARIANTS = ("neuron", "adapter")
 ALPHA_PER = ("head", "layer")
 
 
@@ -70,39 +70,34 @@ def mask_value(dtype: Any = jnp.float32) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation
+# The window rule
 # ---------------------------------------------------------------------------------------------------
 
 
-def validate_dms_settings(
-    window: int,
-    tau: float,
-    cr_initial: float,
-    cr_final: float,
-    variant: str = "neuron",
-    alpha_per: str = "head",
-) -> None:
-    """Raise ``ValueError`` naming the offending parameter and its allowed range.
+def visible_if_marked(query_pos: Any, key_pos: Any, window: Any) -> Any:
+    """Whether a query at ``query_pos`` still sees a key at ``key_pos <= query_pos`` marked for eviction:
+    ``query_pos - key_pos <= window``.  A key that is not marked is seen by every later query.
 
-    Why here and not only in the config: the functions below are traced under jit, where a bad window
-    or tau would silently give a meaningless mask; checking the Python-level settings once up front gives
-    a readable error instead.
+    This is the one statement of DMS's delay: a marked token ``j`` stays visible to queries ``i <= j + window``
+    and is gone from ``i = j + window + 1`` on.  The training bias, the dense and paged caches, the engine's
+    prefill masks, the flash kernels and the cache statistics all decide visibility with it.  It is the
+    reference's *training* rule; its inference cache drops a marked token one step earlier, which we do not follow
+    (docs/algorithm.md, section 5, "One deviation from the reference").  Works on Python numbers and on (traced)
+    arrays, which broadcast.
     """
-    if not _is_real(window) or not math.isfinite(window) or int(window) != window or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if not (_is_real(tau) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    for name, cr in (("cr_initial", cr_initial), ("cr_final", cr_final)):
-        if not (_is_real(cr) and math.isfinite(cr) and cr >= 1):
-            raise ValueError(f"{name} must be a finite compression ratio >= 1, got {cr!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if alpha_per not in ALPHA_PER:
-        raise ValueError(f"alpha_per must be one of {ALPHA_PER}, got {alpha_per!r}")
+    return query_pos - key_pos <= window
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+def ring_size(window: Any) -> Any:
+    """How many consecutive queries see a marked token -- its own position and the ``window`` after it --
+    hence how many recent tokens a cache must keep with their decisions pending: ``window + 1``
+    (:func:`visible_if_marked` holds for ``query_pos - key_pos`` in ``0 .. window``)."""
+    return window + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decision logits
+# ---------------------------------------------------------------------------------------------------
 
 
 def _check_gqa(num_q_heads: int, num_kv_heads: int) -> int:
@@ -111,11 +106,6 @@ def _check_gqa(num_q_heads: int, num_kv_heads: int) -> int:
             f"num_kv_heads must be >= 1 and divide the number of query heads ({num_q_heads}), got {num_kv_heads}"
         )
     return num_q_heads // num_kv_heads
-
-
-# ---------------------------------------------------------------------------------------------------
-# Decision logits
-# ---------------------------------------------------------------------------------------------------
 
 
 def neuron_decision_logits(q: Array, num_kv_heads: int, scale: float, offset: float) -> Array:
@@ -299,38 +289,44 @@ def hard_log_keep(decisions: Array, dtype: Any = jnp.float32) -> Array:
 
 
 def dms_attention_bias(
-    log_keep: Array,
+    log_keep: Array | None,
     q_pos: Array,
     k_pos: Array,
     window: int | Array,
     k_valid: Array | None = None,
     dtype: Any = jnp.float32,
+    *,
+    masked: float | None = None,
 ) -> Array:
     """Additive DMS attention bias ``[B, Hkv, Tq, Tk]``, to add to the (scaled) scores before softmax.
 
     For query position ``i = q_pos[b, qi]`` and key position ``j = k_pos[b, kj]`` (absolute positions,
     so chunked prefill with ``Tq < Tk`` and left/right padded batches work unchanged):
 
-    * ``j > i`` or key invalid (``k_valid`` False):   masked (finite :func:`mask_value`, not -inf);
+    * ``j > i`` or key invalid (``k_valid`` False):   ``masked``;
     * ``i - j <= window``:                            0 (every token in the window is visible);
     * ``i - j >  window``:                            ``log_keep[b, h, kj]``.
 
     ``log_keep`` ``[B, Hkv, Tk]`` is already shifted to its owner token (:func:`shift_to_owner`): in
-    training ``soft_log_keep(z)``, in hard mode ``hard_log_keep(decisions)``.  The hard version equals the
-    delayed-eviction cache: a token with decision 1 is visible to queries ``i <= j + window`` and not from
-    ``i = j + window + 1`` on.  ``log_keep`` is clamped from below at the mask value so that -inf inputs
-    cannot produce NaN.  A row whose keys are all masked softmaxes to a uniform row (finite, no NaN); the
-    caller zeroes the output of padded queries.  GQA: broadcast the bias over the G query heads of a group.
+    training ``soft_log_keep(z)``, in hard mode ``hard_log_keep(decisions)``; ``None`` means 0 (plain causal
+    attention; the head axis is then 1).  The hard version equals the delayed-eviction cache
+    (:func:`visible_if_marked`).  ``masked`` defaults to the finite :func:`mask_value` of ``dtype``, so that a
+    row whose keys are all masked softmaxes to a uniform row (finite, no NaN; the caller zeroes the output of
+    padded queries); ``log_keep`` is clamped from below at it so that -inf inputs cannot produce NaN either.
+    The flash kernels' reference passes ``masked=-inf``: its rows that see nothing return zeros.
+    GQA: broadcast the bias over the G query heads of a group.
     """
-    neg = mask_value(dtype)
-    log_keep = jnp.maximum(log_keep.astype(dtype), neg)
-    dist = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Tq, Tk]: how far behind the query the key is
-    visible = dist >= 0
+    neg = mask_value(dtype) if masked is None else masked
+    dist_ok = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, Tq, Tk]: causal
     if k_valid is not None:
-        visible = visible & k_valid[:, None, :].astype(bool)
-    in_window = dist <= window
-    far = jnp.where(in_window[:, None], jnp.zeros((), dtype), log_keep[:, :, None, :])  # [B, Hkv, Tq, Tk]
-    return jnp.where(visible[:, None], far, jnp.asarray(neg, dtype))
+        dist_ok = dist_ok & k_valid[:, None, :].astype(bool)
+    in_window = visible_if_marked(q_pos[:, :, None], k_pos[:, None, :], window)[:, None]  # [B, 1, Tq, Tk]
+    if log_keep is None:
+        far = jnp.zeros(in_window.shape, dtype)
+    else:
+        log_keep = jnp.maximum(log_keep.astype(dtype), neg)
+        far = jnp.where(in_window, jnp.zeros((), dtype), log_keep[:, :, None, :])  # [B, Hkv, Tq, Tk]
+    return jnp.where(dist_ok[:, None], far, jnp.asarray(neg, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,8 +382,7 @@ def target_compression_ratio(step: int | Array, cr_initial: float, cr_final: flo
     ``step`` may be a traced array.  The paper's rule of thumb is about 100 steps per unit of CR; the
     reference recipe goes 1 -> 16 in 510 steps.
     """
-    if isinstance(final_step, bool) or not isinstance(final_step, numbers.Integral) or final_step < 1:
-        raise ValueError(f"final_step must be an integer >= 1, got {final_step!r}")
+    check_int("final_step", final_step)
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / final_step, 0.0, 1.0)
     return jnp.float32(cr_initial) + (jnp.float32(cr_final) - jnp.float32(cr_initial)) * progress
 
@@ -438,8 +433,8 @@ def kv_stats(decisions: Array, valid: Array | None, window: int) -> dict[str, Ar
     rank = jnp.cumsum(vf, axis=-1) - 1.0  # [B, T], meaningful at valid positions
     later = n[:, None] - rank  # number of valid queries at or after token j (itself included)
     kept = (~(d > 0.5)) & v[None, :, None, :]
-    age_end = (n[:, None] - 1.0 - rank)[None, :, None, :]  # [1, B, 1, T]
-    old = v[None, :, None, :] & (age_end > window)
+    # Old: a marked token there would be gone for the last query (rank n - 1).
+    old = v[None, :, None, :] & ~visible_if_marked((n - 1.0)[:, None], rank, window)[None, :, None, :]
 
     def total(x):
         return jnp.sum(x.astype(jnp.float32), axis=(0, 2, 3))
@@ -449,9 +444,19 @@ def kv_stats(decisions: Array, valid: Array | None, window: int) -> dict[str, Ar
     n_old = total(jnp.broadcast_to(old, d.shape))
     n_old_kept = total(old & kept)
     n_live = n_tokens - (n_old - n_old_kept)
-    reads_per_token = jnp.where(kept, later[None, :, None, :], jnp.minimum(later, window + 1.0)[None, :, None, :])
+    # A marked token is read by at most ring_size(window) queries (its own and the window after it).
+    reads_per_token = jnp.where(kept, later[None, :, None, :],
+                                jnp.minimum(later, ring_size(window))[None, :, None, :])
     token_reads = jnp.sum(jnp.where(v[None, :, None, :], reads_per_token, 0.0), axis=(0, 2, 3))
-    token_reads_dense = scale * n * (n + 1.0) / 2.0
+    return kv_stats_from_counts(n_tokens, n_live, n_old, n_old_kept, token_reads, scale * n * (n + 1.0) / 2.0)
+
+
+def kv_stats_from_counts(n_tokens: Array, n_live: Array, n_old: Array, n_old_kept: Array, token_reads: Array,
+                         token_reads_dense: Array) -> dict[str, Array]:
+    """The statistics dict of :func:`kv_stats` (and ``dmc.kv_stats``, which uses the same keys so that the
+    evaluation code can sum either) from its counts ``[B]``, adding the two ratios:
+    ``cr_outside_window = n_old / n_old_kept`` (1 when ``n_old = 0``, +inf when every old entry went) and
+    ``cache_ratio = n_tokens / n_live`` (1 when nothing is live)."""
     cr_outside = jnp.where(
         n_old == 0, 1.0, jnp.where(n_old_kept == 0, jnp.inf, n_old / jnp.maximum(n_old_kept, 1.0))
     )

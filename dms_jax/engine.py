@@ -64,6 +64,7 @@ from flax import nnx, struct
 
 from dms_jax import cache as kvc
 from dms_jax import dmc, dms
+from dms_jax.config import check_int
 from dms_jax.generate import SamplingConfig, sample_next
 from dms_jax.model import CausalLM, apply_rope, rope_cos_sin
 from pallas_kernels import paged_decode_attention
@@ -388,8 +389,7 @@ def _prefill_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables,
         if marked_pos is None:
             return jnp.broadcast_to(live[:, :, None, :], (b, hkv, c, t))
         mp = jax.lax.dynamic_slice_in_dim(marked_pos, i * t, t, axis=2)
-        gone = (mp[:, :, None, :] >= 0) & (q_pos[:, None, :, None] - mp[:, :, None, :] > window)
-        return live[:, :, None, :] & ~gone
+        return live[:, :, None, :] & ~kvc.marked_gone(mp, q_pos, window)
 
     num_blocks = (jnp.max(lengths) + t - 1) // t
     (_, l, acc), k_pages, v_pages = _online_blocks(qg, k_pages, v_pages, tables, num_blocks, visible, carry,
@@ -446,9 +446,10 @@ def _prefill_chunk(layer_gd, layer_params, outer_gd, outer_params, cache: kvc.Pa
             ring_dec1 = kvc.set_previous_decision(ring_dec, n, dec_at[..., 0], (n_valid > 0) & ok, r)
             dec_chunk = kvc.chunk_owner_decisions(dec_at, n_valid)
             # Chunk keys: causal, valid, and the delayed-eviction rule with the chunk's own decisions.
-            dist = kk[:, None] - kk[None, :]  # query - key
-            chunk_vis = ((dist >= 0)[None, None] & qvalid[:, None, None, :]
-                         & ((dist <= w)[None, None] | ~dec_chunk[:, :, None, :]))
+            causal = kk[None, :] <= kk[:, None]  # [query, key]
+            in_window = dms.visible_if_marked(kk[:, None], kk[None, :], w)
+            chunk_vis = (causal[None, None] & qvalid[:, None, None, :]
+                         & (in_window[None, None] | ~dec_chunk[:, :, None, :]))
             chunk_vis = chunk_vis & qvalid[:, None, :, None]
             layer_reads = (jnp.sum(chunk_vis, axis=(1, 2, 3), dtype=jnp.int32)
                            + kvc.cached_reads(lengths, ring_slot, ring_dec1, n, positions, qvalid, w))
@@ -613,8 +614,7 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
                                                                   block_tokens=block_tokens, return_pools=True)
             else:
                 out = paged_decode_attention(q, k_pages2, v_pages2, tables, lengths, page_mask=page_mask,
-                                             backend="xla" if backend == "xla_blocked" else backend,
-                                             interpret=interpret)
+                                             backend=backend, interpret=interpret)
             # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
             obs = None if pst is None else (q, p.k[:, 0], page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (k_pages2, v_pages2, ring_dec2, obs)
@@ -868,17 +868,12 @@ def _init_jit(spec, policy=None):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-
 class Engine:
     """Serves a model over the paged cache with an eviction policy.
 
     policy: "vanilla" | "dms" | "dmc" | "fixed" | "tova" | "h2o" | "streaming" | "quest" or an ``EvictionPolicy``
-    ("dms" takes window and alpha_per from the model's DMSConfig, "dmc" -- merging instead of evicting, for a model
-    built with a DMCConfig -- its accumulation window from the model's DMCConfig; a policy that does not fit the
+    ("dms" holds the model's DMSConfig (window, alpha_per), "dmc" -- merging instead of evicting, for a model
+    built with a DMCConfig -- the model's DMCConfig (accumulation window); a policy that does not fit the
     model's config raises ValueError; extra keyword arguments go to ``cache.make_policy``, e.g.
     ``cr=8, window=64`` for "fixed", ``budget=256`` (tokens per KV head) for the baselines of baselines.py).
     budget_pages: the page pool (memory budget) per call; None = enough for every request to keep every token.
@@ -898,13 +893,13 @@ class Engine:
                  page_size: int = 16, prefill_chunk: int = 256, attention_backend: str = "auto",
                  interpret: bool | None = None, on_exhaustion: str = "preempt", segment_steps: int = 32,
                  cache_dtype=None, attention_block_tokens: int | None = None, **policy_kw):
-        _check_int("page_size", page_size)
-        _check_int("prefill_chunk", prefill_chunk)
-        _check_int("segment_steps", segment_steps)
+        check_int("page_size", page_size)
+        check_int("prefill_chunk", prefill_chunk)
+        check_int("segment_steps", segment_steps)
         if budget_pages is not None:
-            _check_int("budget_pages", budget_pages)
+            check_int("budget_pages", budget_pages)
         if attention_block_tokens is not None:
-            _check_int("attention_block_tokens", attention_block_tokens)
+            check_int("attention_block_tokens", attention_block_tokens)
         if on_exhaustion not in ON_EXHAUSTION:
             raise ValueError(f"on_exhaustion must be one of {ON_EXHAUSTION}, got {on_exhaustion!r}")
         if attention_backend not in ATTENTION_BACKENDS:
@@ -914,9 +909,10 @@ class Engine:
             if model.dmc_cfg is None:
                 raise ValueError(f"policy {self.policy.name!r} needs a model with a DMCConfig (merge decisions)"
                                  + ("; this model has a DMSConfig: use policy 'dms'" if model.dms_cfg else ""))
-            if self.policy.window != model.dmc_cfg.accumulation_window:
-                raise ValueError(f"the dmc policy's window ({self.policy.window}) differs from the model's "
-                                 f"DMCConfig.accumulation_window ({model.dmc_cfg.accumulation_window})")
+            if self.policy.accumulation_window != model.dmc_cfg.accumulation_window:
+                raise ValueError(f"the dmc policy's accumulation_window ({self.policy.accumulation_window}) differs "
+                                 f"from the model's DMCConfig.accumulation_window "
+                                 f"({model.dmc_cfg.accumulation_window})")
         elif self.policy.uses_model_decisions and model.dms_cfg is None:
             raise ValueError(f"policy {self.policy.name!r} needs a model with a DMSConfig (decision logits)"
                              + ("; this model has a DMCConfig: use policy 'dmc'" if model.dmc_cfg else ""))
@@ -940,7 +936,7 @@ class Engine:
         cfg = self.cfg
         return kvc.CacheSpec.create(
             num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_seqs=max_seqs,
-            max_context=max_context, window=self.policy.window, page_size=self.page_size,
+            max_context=max_context, window=self.policy.delay_window, page_size=self.page_size,
             num_pages=budget_pages if budget_pages is not None else self.budget_pages, dtype=self.cache_dtype)
 
     def new_cache(self, spec: kvc.CacheSpec) -> kvc.PagedCache:
@@ -1073,7 +1069,7 @@ class Engine:
         Runs jitted segments of ``segment_steps`` steps. Returns a DecodeOutput (tokens, status, metrics, the final
         cache, wall time per segment); the cache holds what is left (finished sequences have been released).
         """
-        _check_int("max_new_tokens", max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens)
         s = spec.max_seqs
         stop = list(self.cfg.eos_token_ids if stop_ids is None else stop_ids) or [-1]
         running = np.ones(s, bool) if running is None else np.asarray(running, bool)
@@ -1129,26 +1125,33 @@ class Engine:
         stop_ids: a sequence ends after emitting one (included in its tokens); default the model's EOS ids.
         The chains of a prompt share its prefill (copy-on-write pages) and sample independently. The pool (budget)
         is created for the call; every page is back in it at the end. context: tokens per head the cache is sized
-        for (default and minimum: the longest prompt + max_new_tokens).
+        for (default and minimum: the longest prompt + max_new_tokens; a smaller one raises ValueError).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
-        _check_int("max_new_tokens", max_new_tokens)
-        _check_int("chains", chains)
+        check_int("max_new_tokens", max_new_tokens)
+        check_int("chains", chains)
         if not isinstance(sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         if sampling.top_k > self.cfg.vocab_size:
             raise ValueError(f"top_k={sampling.top_k} exceeds the vocabulary size {self.cfg.vocab_size}")
         self._check_tokens(prompts)
         longest = max(len(p) for p in prompts)
-        context = self.cfg.max_position_embeddings
-        if longest + max_new_tokens > context:
+        needed = longest + max_new_tokens
+        if needed > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                             f"context of {context} tokens")
+                             f"context of {self.cfg.max_position_embeddings} tokens")
+        if context is None:
+            context = needed
+        else:
+            check_int("context", context)
+            if context < needed:
+                raise ValueError(f"context={context} is too small: the longest prompt ({longest} tokens) + "
+                                 f"max_new_tokens={max_new_tokens} need {needed} tokens per head")
         n_p, w = len(prompts), int(chains)
         s = n_p * w
         # context: cache capacity per head (a fixed value lets prompts of different lengths share one compilation).
-        spec = self.make_spec(s, max(int(context or 0), longest + max_new_tokens))
+        spec = self.make_spec(s, int(context))
         cache = self.new_cache(spec)
 
         t0 = time.perf_counter()

@@ -84,10 +84,23 @@ def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_n
     cache = init_dense_cache(model.cfg, b, p + max_new_tokens, cache_dtype, dms=dms)
     logits, cache = forward_with_dense_cache(model, tokens, positions, valid, cache, 0)
     next_pos = positions[:, -1] + 1
-    out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    def feed(tok, step, fed, cache):  # a finished row is fed too (its stop id; the result is never used)
+        logits, cache = forward_with_dense_cache(
+            model, tok[:, None], (next_pos + step)[:, None], jnp.ones((b, 1), bool), cache, p + step)
+        return logits[:, -1], cache
+
+    out, lengths, _ = _sample_loop(logits[:, -1], cache, feed, stop_ids, key, max_new_tokens=max_new_tokens,
+                                   sampling=sampling)
+    return out, lengths
+
+
+def _sample_loop(first_logits, cache, feed, stop_ids, key, *, max_new_tokens, sampling):
+    """The decode loop of the dense generators (``_generate``, ``_generate_dmc``), a ``lax.while_loop``: sample the
+    next token of every row from the last logits, then ``feed(tok, step, fed, cache) -> (logits [B, V], cache)``
+    (``fed`` [B]: the rows still generating), until every row has emitted a stop id or ``max_new_tokens`` are
+    out. Returns (tokens [B, max_new_tokens], lengths [B] (the stop id included), cache)."""
+    b = first_logits.shape[0]
 
     def cond(carry):
         step, _, _, done, *_ = carry
@@ -99,16 +112,16 @@ def _generate(graphdef, state, tokens, positions, valid, stop_ids, key, *, max_n
         tok = sample_next(last_logits, sub, sampling)
         tok = jnp.where(done, stop_ids[0], tok)  # finished rows keep emitting a stop id, never counted
         out = out.at[:, step].set(tok)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | is_stop(tok)
-        pos = (next_pos + step)[:, None]
-        logits, cache = forward_with_dense_cache(
-            model, tok[:, None], pos, jnp.ones((b, 1), bool), cache, p + step)
-        return step + 1, logits[:, -1], cache, done, lengths, out, key
+        fed = ~done
+        lengths = lengths + fed.astype(jnp.int32)
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        logits, cache = feed(tok, step, fed, cache)
+        return step + 1, logits, cache, done, lengths, out, key
 
-    carry = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), out, key)
-    _, _, _, _, lengths, out, _ = jax.lax.while_loop(cond, body, carry)
-    return out, lengths
+    carry = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+             jnp.zeros((b, max_new_tokens), jnp.int32), key)
+    _, _, cache, _, lengths, out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths, cache
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -180,26 +193,12 @@ def _generate_dmc(graphdef, state, tokens, positions, valid, stop_ids, key, *, m
                  jnp.zeros((b, model.cfg.vocab_size), jnp.float32))
         (cache, logits), _ = jax.lax.scan(prefill_step, carry, (tokens.T, positions.T, valid.T))
     next_pos = positions[:, -1] + 1
-    out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def feed(tok, step, fed, cache):  # a finished row's cache stops changing (its statistics count what it generated)
+        return dmc_decode_step(model, tok, next_pos + step, fed, cache)
 
-    def body(carry):
-        step, last_logits, cache, done, lengths, out, key = carry
-        key, sub = jax.random.split(key)
-        tok = sample_next(last_logits, sub, sampling)
-        tok = jnp.where(done, stop_ids[0], tok)  # finished rows keep emitting a stop id, never counted
-        out = out.at[:, step].set(tok)
-        lengths = lengths + (~done).astype(jnp.int32)
-        fed = ~done  # a finished row's cache stops changing (its statistics count what it generated)
-        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        logits, cache = dmc_decode_step(model, tok, next_pos + step, fed, cache)
-        return step + 1, logits, cache, done, lengths, out, key
-
-    carry = (jnp.int32(0), logits, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), out, key)
-    _, _, cache, _, lengths, out, _ = jax.lax.while_loop(cond, body, carry)
+    out, lengths, cache = _sample_loop(logits, cache, feed, stop_ids, key, max_new_tokens=max_new_tokens,
+                                       sampling=sampling)
     return out, lengths, cache["n_slots"], cache["n_seen"]
 
 

@@ -33,13 +33,12 @@ Every kernel has a pure-jnp reference with the same signature, a TPU lowering (M
        bias = -inf if k_pos > q_pos or key invalid; 0 if q_pos - k_pos <= window; log_keep otherwise.
        -> [B, T, Hq, D] in q's dtype. Rows that see no key give zeros.
 
-   ``dms_flash_attention_reference`` (materialises the bias; jax.grad gives the reference gradients),
-   ``dms_attention_bias`` (the [B, Hkv, T, S] bias itself) and ``dms_flash_block_map`` (which
-   (q block, kv block) pairs the kernels visit).
+   ``dms_flash_attention_reference`` (materialises the bias, ``dms_jax.dms.dms_attention_bias`` with -inf
+   for masked entries; jax.grad gives the reference gradients) and ``dms_flash_block_map`` (which
+   (q block, kv block) pairs the kernels visit). The window rule itself is ``dms_jax.dms.visible_if_marked``.
 """
 
 from .dms_flash import (
-    dms_attention_bias,
     dms_flash_attention,
     dms_flash_attention_reference,
     dms_flash_block_map,
@@ -53,7 +52,6 @@ from .paged_decode import (
 )
 
 __all__ = [
-    "dms_attention_bias",
     "dms_flash_attention",
     "dms_flash_attention_reference",
     "dms_flash_block_map",

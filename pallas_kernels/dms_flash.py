@@ -49,10 +49,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from dms_jax.dms import dms_attention_bias, visible_if_marked
+
 from ._common import cdiv, resolve_backend, resolve_interpret, tpu_interpret_arg
 
 __all__ = [
-    "dms_attention_bias",
     "dms_flash_attention",
     "dms_flash_attention_reference",
     "dms_flash_block_map",
@@ -67,28 +68,16 @@ _BIG = 1 << 29  # sentinel position: padding keys sit in everyone's future, padd
 # ----------------------------------------------------------------------------------------------------------
 
 
-def dms_attention_bias(q_pos, k_pos, log_keep, k_valid, window: int):
-    """The DMS additive bias, materialised: [B, Hkv, T, S] f32 (Hkv = 1 when log_keep is None)."""
-    diff = q_pos[:, :, None].astype(jnp.int32) - k_pos[:, None, :].astype(jnp.int32)  # [B, T, S]
-    visible = diff >= 0
-    if k_valid is not None:
-        visible = visible & k_valid[:, None, :].astype(bool)
-    far = diff > window
-    if log_keep is None:
-        bias = jnp.zeros(diff.shape, jnp.float32)[:, None]
-    else:
-        bias = jnp.where(far[:, None], log_keep.astype(jnp.float32)[:, :, None, :], 0.0)
-    return jnp.where(visible[:, None], bias, _NEG_INF)
-
-
 def dms_flash_attention_reference(q, k, v, q_pos, k_pos, log_keep=None, k_valid=None, *, window: int,
                                   scale=None):
-    """Plain jnp: materialises the [B, Hkv, T, S] bias; f32 softmax; differentiable with jax.grad."""
+    """Plain jnp: materialises the [B, Hkv, T, S] bias (``dms_jax.dms.dms_attention_bias``, masked with -inf so
+    that a row that sees no key returns zeros); f32 softmax; differentiable with jax.grad."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    bias = dms_attention_bias(q_pos, k_pos, log_keep, k_valid, window)  # [B, Hkv|1, T, S]
+    bias = dms_attention_bias(log_keep, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32), window, k_valid,
+                              masked=_NEG_INF)  # [B, Hkv|1, T, S]
     qf = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
     s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
     s = s + bias[:, :, None]
@@ -124,7 +113,8 @@ def dms_flash_block_map(qpos_p, kpos_p, lk_p, window: int, block_q: int, block_k
     kept = kvalid[:, None] & (lk_p.reshape(B, Hkv, nk, block_k) > _NEG_INF)
     kmin_kept = jnp.min(jnp.where(kept, kb[:, None], _BIG), axis=-1)  # [B, Hkv, nk]
     causal_ok = kmin[:, None, :] <= qmax[:, :, None]  # some key not in the future of the block's last query
-    window_ok = kmax[:, None, :] >= qmin[:, :, None] - window  # some key may be inside someone's window
+    # Some key may be inside some query's window (sentinels: qmin - kmax stays below 2**31).
+    window_ok = visible_if_marked(qmin[:, :, None], kmax[:, None, :], window)
     kept_ok = kmin_kept[:, :, None, :] <= qmax[:, None, :, None]  # some kept key not in the future
     return causal_ok[:, None] & (window_ok[:, None] | kept_ok)
 
@@ -157,9 +147,8 @@ def _dot_tn(a, b):  # a.T @ b
 def _scores(q, k, qp, kp, lk, scale, window):
     """Biased logits of a (q block, kv block) tile and the 'far' mask (where log_keep was added)."""
     s = _dot_nt(q, k) * scale
-    diff = qp - kp  # [bq, 1] - [1, bk]
-    far = diff > window
-    s = jnp.where(diff >= 0, s + jnp.where(far, lk, 0.0), _NEG_INF)
+    far = ~visible_if_marked(qp, kp, window)  # [bq, 1] vs [1, bk]
+    s = jnp.where(kp <= qp, s + jnp.where(far, lk, 0.0), _NEG_INF)
     return s, far
 
 

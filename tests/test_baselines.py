@@ -46,7 +46,7 @@ def _probs(q_t, keys):
 
 def _spec(policy, context):
     return kvc.CacheSpec.create(num_layers=1, num_kv_heads=H, head_dim=D, max_seqs=1, max_context=context,
-                                window=policy.window, page_size=PS)
+                                window=policy.delay_window, page_size=PS)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "spec"))
@@ -373,7 +373,7 @@ def test_streaming_keeps_sinks_and_recent_window(prompt_len, chunk):
     budget, sinks, n = 9, 4, 30
     q, k, v = _qkv(n, seed=3)
     policy = bl.StreamingPolicy(budget=budget, sinks=sinks)
-    assert policy.window == budget - sinks - 1
+    assert policy.recent == budget - sinks and policy.delay_window == budget - sinks - 1
     for cache, t, _ in _run(policy, q, k, v, prompt_len, chunk):
         want = sorted(set(range(min(sinks, t + 1))) | set(range(max(t - (budget - sinks) + 1, 0), t + 1)))
         for h in range(H):
@@ -530,7 +530,11 @@ def test_chains_share_the_prompt_and_its_scores(tiny, prompts):
 
 @pytest.mark.parametrize("call,match", [
     (lambda: bl.TOVAPolicy(budget=0), "budget must be an integer >= 1"),
+    (lambda: bl.H2OPolicy(budget=0), "budget must be an integer >= 1"),
+    (lambda: bl.H2OPolicy(budget=True), "budget must be an integer >= 1, got True"),
     (lambda: bl.H2OPolicy(budget=4, recent=5), "must not exceed the budget"),
+    (lambda: bl.H2OPolicy(budget=4, recent=0), "recent must be an integer >= 1"),
+    (lambda: bl.StreamingPolicy(budget=8, sinks=-1), "sinks must be an integer >= 0"),
     (lambda: bl.StreamingPolicy(budget=5, sinks=4), "budget must be an integer >= 6"),
     (lambda: bl.QuestPolicy(budget=1.5), "budget must be an integer"),
     (lambda: bl.QuestPolicy(budget=8, dense_layers=-1), "dense_layers must be an integer >= 0"),
@@ -548,6 +552,6 @@ def test_make_policy_and_describe():
                                                            "prefill": "prompt"}
     assert kvc.make_policy("h2o", budget=9).describe() == {"policy": "h2o", "budget": 9, "heavy": 4, "recent": 5}
     assert kvc.make_policy("streaming", budget=20).describe() == {"policy": "streaming", "budget": 20, "sinks": 4,
-                                                                  "window": 15}
+                                                                  "recent": 16}
     assert kvc.make_policy("quest", budget=64).describe() == {"policy": "quest", "budget": 64, "dense_layers": 2}
     assert bl.budget_for_ratio(1024, 4) == 256 and bl.budget_for_ratio(1000, 3) == 333

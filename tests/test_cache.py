@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from dms_jax import cache as kvc
+from dms_jax import dms
+from dms_jax.config import DMCConfig, DMSConfig
 
 D = 4
 
@@ -46,7 +48,7 @@ def _expected_live(d_at, n, window):
     """Tokens 0..n-1 written; d_at[t] is the decision computed at t (for token t-1). Live set after token n-1."""
     t = n - 1
     owner = lambda j: bool(d_at[j + 1]) if j + 1 <= t else False  # noqa: E731 (pending = keep)
-    return [j for j in range(n) if t - j <= window or not owner(j)]
+    return [j for j in range(n) if dms.visible_if_marked(t, j, window) or not owner(j)]
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "ring"))
@@ -64,7 +66,7 @@ def _prefill_layer(c_l, n, n_valid, d, k, page_size, ring):
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(cache, active, k, dec, spec):
     """One decode step for all layers: plan, allocate / copy-on-write, write K/V, record the previous decisions."""
-    plan = kvc.plan_decode(cache, spec, active, kvc.DMSPolicy(window=spec.window))
+    plan = kvc.plan_decode(cache, spec, active, kvc.DMSPolicy(DMSConfig(window=spec.window)))
     fits = jnp.sum(plan.need) <= kvc.free_pages(cache.refcount)
     n = cache.num_tokens
     cache, page, off = kvc.apply_decode_plan(cache, spec, plan, active)
@@ -181,7 +183,7 @@ def test_everything_evicted_keeps_the_window_only():
     for _ in range(5):
         drv.step([1, 1, 1])
     drv.check([0, 1, 2])
-    assert (np.asarray(drv.cache.lengths)[:, 0] == spec.window + 1).all()
+    assert (np.asarray(drv.cache.lengths)[:, 0] == dms.ring_size(spec.window)).all()
     # A head of 4 live tokens holds 2 pages of 2: everything else went back to the pool.
     assert kvc.check_invariants(drv.cache, spec)["used_pages"] == 2 * 2 * 3 * 2
 
@@ -268,7 +270,7 @@ def test_cached_visibility_and_reads_match_brute_force():
             pos = (np.asarray(c.k_pages)[pages, slots % 4, 0] - 1).astype(int)
             for qi, q in enumerate(q_pos[s]):
                 owner = d_at[l, s, h][pos + 1]  # all decisions of cached tokens are known at the chunk
-                want = (q - pos <= spec.window) | ~owner
+                want = dms.visible_if_marked(q, pos, spec.window) | ~owner
                 assert vis[s, h, qi, :ln].tolist() == want.tolist()
                 assert not vis[s, h, qi, ln:].any()
         assert reads[s] == vis[s].sum()
@@ -285,38 +287,76 @@ def test_plan_chunk_writes_only_survivors():
     assert int(plan.new_lengths[0, 0]) == 3 and int(plan.need[0, 0].sum()) == 1
 
 
+def test_plan_chunk_explicit_fills_holes_then_appends():
+    """A score policy's plan: freed slots are refilled first, in slot order, then the rest is appended; the ring
+    takes the chunk's last tokens (slot of the survivors, decision 0)."""
+    lengths = jnp.asarray([[5]], jnp.int32)
+    hole = jnp.asarray([[[False, True, False, True, False, False, False, False]]])  # free slots 1 and 3
+    surv = jnp.asarray([[[True, False, True, True]]])  # chunk tokens 0, 2, 3 stay
+    ring_slot = jnp.full((1, 1, 3), 7, jnp.int32)
+    ring_dec = jnp.ones((1, 1, 3), bool)
+    plan = kvc.plan_chunk_explicit(lengths, hole, surv, ring_slot, ring_dec, jnp.asarray([5]), jnp.asarray([4]),
+                                   page_size=4)
+    assert np.asarray(plan.target[0, 0])[[0, 2, 3]].tolist() == [1, 3, 5]
+    assert np.asarray(plan.write[0, 0]).tolist() == [True, False, True, True]
+    assert int(plan.new_lengths[0, 0]) == 6 and int(plan.have[0, 0]) == 2 and int(plan.need[0, 0].sum()) == 0
+    # Chunk tokens 1, 2, 3 (positions 6, 7, 8) are the last R = 3: entries 0, 1, 2; token 1 was dropped (slot 0).
+    assert np.asarray(plan.ring_slot[0, 0]).tolist() == [0, 3, 5]
+    assert not np.asarray(plan.ring_dec).any()
+
+
 def test_policies():
     pos = jnp.asarray([[0, 1, 2, 3, 4, 5, 6, 7, 8]])
     assert not np.asarray(kvc.VanillaPolicy().decisions(None, pos, 2)).any()
-    fixed = np.asarray(kvc.FixedRatePolicy(window=2, cr=4).decisions(None, pos, 2))
+    fixed_rate = kvc.FixedRatePolicy(DMSConfig(window=2), cr=4)
+    fixed = np.asarray(fixed_rate.decisions(None, pos, 2))
     # decision for token p - 1: kept iff (p - 1) % 4 == 0; position 0 decides nothing.
     assert fixed[0, 0].tolist() == [False, False, True, True, True, False, True, True, True]
-    assert fixed.shape == (1, 2, 9)
+    assert fixed.shape == (1, 2, 9) and fixed_rate.delay_window == 2
     logits = jnp.asarray([[[-1.0, 2.0, 0.0], [3.0, -2.0, 1.0]]])
-    d = kvc.DMSPolicy(window=4).decisions(logits, pos[:, :3], 2)
+    d = kvc.DMSPolicy(DMSConfig(window=4)).decisions(logits, pos[:, :3], 2)
     assert np.asarray(d).tolist() == [[[False, True, False], [True, False, True]]]
-    d = kvc.DMSPolicy(window=4, alpha_per="layer").decisions(logits, pos[:, :3], 2)
+    d = kvc.DMSPolicy(DMSConfig(window=4, alpha_per="layer")).decisions(logits, pos[:, :3], 2)
     assert np.asarray(d).tolist() == [[[False, True, False], [False, True, False]]]
     assert kvc.make_policy("fixed", cr=8, window=16).describe() == {"policy": "fixed", "window": 16, "cr": 8}
     assert kvc.make_policy("vanilla").uses_model_decisions is False
-    from dms_jax.config import DMSConfig
+    assert kvc.make_policy("vanilla").describe() == {"policy": "vanilla"}
 
-    p = kvc.make_policy("dms", DMSConfig(window=7, alpha_per="layer"))
-    assert (p.window, p.alpha_per, p.uses_model_decisions) == (7, "layer", True)
+    # The policy holds the model's config itself; keyword arguments override its fields (the config checks them).
+    cfg = DMSConfig(window=7, alpha_per="layer", variant="adapter")
+    p = kvc.make_policy("dms", cfg)
+    assert p.dms_cfg is cfg and (p.delay_window, p.uses_model_decisions) == (7, True)
+    assert p.describe() == {"policy": "dms", "window": 7, "alpha_per": "layer"}
+    assert kvc.make_policy("dms", cfg, window=3).dms_cfg == DMSConfig(window=3, alpha_per="layer", variant="adapter")
+    assert kvc.make_policy("fixed", cfg, cr=2).dms_cfg is cfg
+    assert kvc.make_policy("dms", window=5).dms_cfg == DMSConfig(window=5)
+    dmc_cfg = DMCConfig(accumulation_window=5)
+    q = kvc.make_policy("dmc", dmc_cfg=dmc_cfg)
+    assert q.dmc_cfg is dmc_cfg and q.accumulation_window == 5 and q.describe() == {"policy": "dmc",
+                                                                                 "accumulation_window": 5}
+    assert kvc.make_policy("dmc", accumulation_window=3).accumulation_window == 3
     # Policies are static jit arguments: equal settings, equal hashes.
-    assert hash(kvc.DMSPolicy(window=3)) == hash(kvc.DMSPolicy(window=3))
+    assert hash(kvc.DMSPolicy(DMSConfig(window=3))) == hash(kvc.DMSPolicy(DMSConfig(window=3)))
+    # The cache's ring is sized by the policy's delay: a spec from it holds ring_size(window) entries.
+    assert kvc.CacheSpec.create(num_layers=1, num_kv_heads=1, head_dim=D, max_seqs=1, max_context=8,
+                                window=p.delay_window).ring == dms.ring_size(7)
 
 
 @pytest.mark.parametrize("call, match", [
     (lambda: kvc.make_policy("nope"), "unknown eviction policy 'nope'"),
     (lambda: kvc.make_policy("dms"), "needs a model with a DMSConfig"),
-    (lambda: kvc.DMSPolicy(window=0), "window must be an integer >= 1"),
-    (lambda: kvc.DMSPolicy(window=2, alpha_per="token"), "alpha_per must be one of"),
-    (lambda: kvc.FixedRatePolicy(cr=0), "cr must be an integer >= 1"),
+    (lambda: kvc.make_policy("fixed", cr=4), "policy 'fixed' needs a model with a DMSConfig"),
+    (lambda: kvc.make_policy("dmc"), "needs a model with a DMCConfig"),
+    (lambda: kvc.make_policy("dms", window=0), "window must be an integer >= 1"),
+    (lambda: kvc.make_policy("dms", DMSConfig(), window=2.5), "window must be an integer >= 1"),
+    (lambda: kvc.make_policy("dms", window=2, alpha_per="token"), "alpha_per must be 'head' or 'layer'"),
+    (lambda: kvc.make_policy("dmc", accumulation_window=0), "accumulation_window must be an integer >= 1"),
+    (lambda: kvc.FixedRatePolicy(DMSConfig(), cr=0), "cr must be an integer >= 1"),
     (lambda: _spec(page_size=0), "page_size must be an integer >= 1"),
     (lambda: _spec(context=0), "max_context must be an integer >= 1"),
     (lambda: _spec(num_pages=0), "num_pages must be an integer >= 1"),
     (lambda: _spec(seqs=0, num_pages=8), "max_seqs must be an integer >= 1"),
+    (lambda: _spec(window=0), "window must be an integer >= 1"),
     (lambda: kvc.CacheSpec(1, 1, 4, 8, 4, 1, 2, 1, dtype="float77"), "float77"),
 ])
 def test_errors(call, match):

@@ -1,12 +1,14 @@
 """dms_jax.config: ModelConfig from HF configs (objects and dicts, transformers 4.x and 5.x spellings), export of
-config.json fields, validation errors; DMSConfig validation."""
+config.json fields, validation errors; DMSConfig and DMCConfig validation (the one place each window is checked);
+check_int."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from conftest import TINY_FAMILIES, tiny_hf_config_dict
-from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.config import DMCConfig, DMSConfig, ModelConfig, check_int
 
 SMOLLM2_CONFIG = {  # SmolLM2-135M-Instruct's config.json (the fields we read)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
@@ -111,10 +113,31 @@ def test_direct_construction_errors():
 def test_dms_config_defaults_and_errors():
     d = DMSConfig()
     assert (d.variant, d.alpha_scale, d.alpha_offset, d.tau, d.alpha_per) == ("neuron", 100.0, 5.0, 0.1, "head")
+    assert DMSConfig(window=np.int64(3)).window == 3 and DMSConfig(window=1).window == 1
     for kw, match in [(dict(variant="merge"), r"variant must be 'neuron' or 'adapter'"),
                       (dict(window=0), r"window must be an integer >= 1"),
                       (dict(window=2.5), r"window must be an integer >= 1"),
+                      (dict(window=4.0), r"window must be an integer >= 1, got 4.0"),
+                      (dict(window=True), r"window must be an integer >= 1, got True"),
                       (dict(tau=0.0), r"tau must be > 0"),
+                      (dict(tau=-1.0), r"tau must be > 0"),
+                      (dict(tau=float("nan")), r"tau must be > 0"),
                       (dict(alpha_per="token"), r"alpha_per must be 'head' or 'layer'")]:
         with pytest.raises(ValueError, match=match):
             DMSConfig(**kw)
+
+
+def test_dmc_config_accumulation_window_errors():
+    assert DMCConfig().accumulation_window == 12
+    for w in (0, 2.5, 12.0, True):
+        with pytest.raises(ValueError, match=r"accumulation_window must be an integer >= 1"):
+            DMCConfig(accumulation_window=w)
+
+
+def test_check_int():
+    check_int("n", 1)
+    check_int("n", np.int32(5), 5)
+    check_int("sinks", 0, 0)
+    for v, lo in ((0, 1), (4, 5), (1.0, 1), (True, 0), ("3", 1), (None, 1)):
+        with pytest.raises(ValueError, match=rf"^n must be an integer >= {lo}, got {v!r}$"):
+            check_int("n", v, lo)

@@ -79,7 +79,7 @@ def _hard_forward(model, seqs):
 def _live_count(dec, t, window):
     """[L, H] live tokens after token t from owner decisions dec [L, H, T]."""
     j = np.arange(t + 1)
-    return ((t - j <= window)[None, None] | (dec[:, :, :t + 1] < 0.5)).sum(-1)
+    return (dms.visible_if_marked(t, j, window)[None, None] | (dec[:, :, :t + 1] < 0.5)).sum(-1)
 
 
 def _rel(a, b):
@@ -321,6 +321,26 @@ def test_dms_policy_needs_a_dms_model():
 def test_generate_errors(tiny, call, match):
     with pytest.raises(ValueError, match=match):
         call(Engine(tiny, "vanilla"))
+
+
+def test_generate_sizes_the_cache_for_context(tiny, prompts, monkeypatch):
+    """``context`` sets the tokens per head the call's cache holds (default: longest prompt + max_new_tokens);
+    the tokens do not depend on it; a context too small for the request is a clear error."""
+    eng = Engine(tiny, "dms", page_size=PAGE, prefill_chunk=CHUNK)
+    specs = []
+    make_spec = eng.make_spec
+    monkeypatch.setattr(eng, "make_spec", lambda *a, **kw: specs.append(make_spec(*a, **kw)) or specs[-1])
+    lh = tiny.cfg.num_layers * tiny.cfg.num_kv_heads
+    default = eng.generate(prompts[:1], max_new_tokens=4, stop_ids=[])
+    sized = eng.generate(prompts[:1], max_new_tokens=4, stop_ids=[], context=64)
+    assert [(sp.max_pages_per_head, sp.max_tokens_per_head) for sp in specs] == [(5, 20), (16, 64)]  # 13 + 4 -> 5
+    assert (default.budget_pages, sized.budget_pages) == (lh * 5, lh * 16)
+    assert default.tokens() == sized.tokens()
+    with pytest.raises(ValueError, match=r"context=16 is too small: the longest prompt \(13 tokens\) \+ "
+                                         r"max_new_tokens=4 need 17 tokens per head"):
+        eng.generate(prompts[:1], max_new_tokens=4, context=16)
+    with pytest.raises(ValueError, match="context must be an integer >= 1"):
+        eng.generate(prompts[:1], max_new_tokens=4, context=32.0)
 
 
 def test_low_level_errors(tiny, prompts):

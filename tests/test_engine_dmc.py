@@ -317,13 +317,15 @@ def test_exhaustion_preempts_and_others_stay_exact(tiny, prompts):
 def test_policy_and_model_must_agree(tiny):
     with pytest.raises(ValueError, match="needs a model with a DMSConfig.*use policy 'dmc'"):
         Engine(tiny, "dms", window=4)
-    with pytest.raises(ValueError, match="window \\(5\\) differs from the model's"):
-        Engine(tiny, kvc.DMCPolicy(window=5))
+    with pytest.raises(ValueError, match="accumulation_window \\(5\\) differs from the model's"):
+        Engine(tiny, kvc.DMCPolicy(DMCConfig(accumulation_window=5)))
+    with pytest.raises(ValueError, match="accumulation_window \\(5\\) differs from the model's"):
+        Engine(tiny, "dmc", accumulation_window=5)
     dms_model = create_model(CFG, DMSConfig(window=3))
     with pytest.raises(ValueError, match="needs a model with a DMCConfig"):
         Engine(dms_model, "dmc")
     with pytest.raises(ValueError, match="needs a model with a DMCConfig.*use policy 'dms'"):
-        Engine(dms_model, kvc.DMCPolicy(window=4))
+        Engine(dms_model, kvc.DMCPolicy(DMCConfig(accumulation_window=4)))
     with pytest.raises(ValueError, match="needs a model with a DMCConfig"):
         Engine(create_model(CFG), "dmc")
 

@@ -1,5 +1,6 @@
 """DMS-masked flash attention: Pallas kernels (TPU-style under TPU interpret mode, GPU-style under the generic
-interpreter) vs the jnp reference, forward and gradients (dq, dk, dv, dlog_keep against jax.grad)."""
+interpreter) vs the jnp reference, forward and gradients (dq, dk, dv, dlog_keep against jax.grad); the reference
+and the "xla" dispatch vs a plain numpy implementation written here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels import (
-    dms_attention_bias,
     dms_flash_attention,
     dms_flash_attention_reference,
     dms_flash_block_map,
@@ -46,6 +46,37 @@ def _make(seed, *, B, T, S, Hq, Hkv, D, dtype, q_offset=None, hard_frac=None, pa
     k_valid = rng.random((B, S)) >= pad_frac
     return (q, k, v, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32),
             jnp.asarray(log_keep, jnp.float32), jnp.asarray(k_valid))
+
+
+def _np_bias(q_pos, k_pos, log_keep, k_valid, window):
+    """[B, Hkv, T, S] float64, the rule written out: -inf in the future or on padding, 0 within the window, else
+    log_keep (0 when None; the head axis is then 1)."""
+    dist = np.asarray(q_pos)[:, :, None] - np.asarray(k_pos)[:, None, :]  # [B, T, S]: how far behind the query
+    lk = np.zeros((dist.shape[0], 1, dist.shape[2])) if log_keep is None else np.asarray(log_keep, np.float64)
+    valid = np.ones(dist.shape, bool) if k_valid is None else np.asarray(k_valid)[:, None, :]
+    bias = np.where((dist > window)[:, None], lk[:, :, None, :], 0.0)
+    return np.where(((dist >= 0) & valid)[:, None], bias, -np.inf)
+
+
+def _np_attention(q, k, v, q_pos, k_pos, log_keep, k_valid, window):
+    """Float64 numpy, one query row at a time: softmax(q.k / sqrt(D) + bias) over the keys the row sees; a row that
+    sees none gives zeros."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, Hq, D = q.shape
+    G = Hq // k.shape[2]
+    bias = _np_bias(q_pos, k_pos, log_keep, k_valid, window)
+    out = np.zeros(q.shape)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                row = bias[b, min(h // G, bias.shape[1] - 1), t]
+                seen = np.isfinite(row)
+                if not seen.any():
+                    continue
+                s = k[b, seen, h // G] @ q[b, t, h] / np.sqrt(D) + row[seen]
+                p = np.exp(s - s.max())
+                out[b, t, h] = (p / p.sum()) @ v[b, seen, h // G]
+    return out
 
 
 def _loss(fn, q, k, v, log_keep, rest):
@@ -121,21 +152,6 @@ def test_flash_window_edges_hard(backend):
             np.testing.assert_allclose(np.asarray(out)[0, t, h], (p / p.sum()) @ v[keys, 0], rtol=1e-5, atol=1e-6)
 
 
-def test_bias_window_edges():
-    """The reference bias: 0 at q_pos - k_pos = window, log_keep at window + 1, -inf in the future/padding."""
-    w = 4
-    q_pos = jnp.asarray([[10]], jnp.int32)
-    k_pos = jnp.asarray([[11, 10, 6, 5, 0]], jnp.int32)
-    log_keep = jnp.asarray([[[-0.5, -0.6, -0.7, -0.8, -0.9]]], jnp.float32)
-    k_valid = jnp.asarray([[True, True, True, True, False]])
-    bias = np.asarray(dms_attention_bias(q_pos, k_pos, log_keep, k_valid, w))[0, 0, 0]
-    assert bias[0] == -np.inf  # future
-    assert bias[1] == 0.0  # diff 0
-    assert bias[2] == 0.0  # diff = window
-    assert bias[3] == np.float32(-0.8)  # diff = window + 1
-    assert bias[4] == -np.inf  # padding
-
-
 def test_block_map_is_conservative_and_skips():
     """Every (q block, kv block) pair holding a visible entry is active; in hard mode with a chunked query,
     fully evicted blocks and future blocks are inactive."""
@@ -148,8 +164,7 @@ def test_block_map_is_conservative_and_skips():
     k_valid = rng.random((B, S)) > 0.1
     log_keep = np.where(rng.random((B, Hkv, S)) < 0.9, -np.inf, 0.0)
     log_keep[:, :, ::37] = 0.0
-    visible = np.isfinite(np.asarray(dms_attention_bias(
-        jnp.asarray(q_pos), jnp.asarray(k_pos), jnp.asarray(log_keep, jnp.float32), jnp.asarray(k_valid), w)))
+    visible = np.isfinite(_np_bias(q_pos, k_pos, log_keep, k_valid, w))
     active = np.asarray(dms_flash_block_map(
         jnp.asarray(q_pos, jnp.int32), jnp.asarray(np.where(k_valid, k_pos, _BIG), jnp.int32),
         jnp.asarray(log_keep, jnp.float32), w, bq, bk))
@@ -172,15 +187,32 @@ def test_flash_skip_blocks_equals_no_skip(backend):
     assert _rel_err(a, b) <= 1e-6
 
 
-def test_flash_dispatch_xla_and_none_args():
-    """backend="xla" (the default on CPU) is the reference; log_keep=None / k_valid=None mean 0 / all valid."""
-    q, k, v, q_pos, k_pos, _, _ = _make(5, B=1, T=8, S=8, Hq=2, Hkv=1, D=64, dtype=jnp.float32)
-    out = dms_flash_attention(q, k, v, q_pos, k_pos, window=2)
-    ref = dms_flash_attention_reference(q, k, v, q_pos, k_pos, jnp.zeros((1, 1, 8)), jnp.ones((1, 8), bool),
-                                        window=2)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
-    ker = dms_flash_attention(q, k, v, q_pos, k_pos, window=2, backend="pallas_gpu", interpret=True, **BLOCKS)
-    assert _rel_err(ker, ref) <= 1e-5
+@pytest.mark.parametrize("case", ["soft_gqa_padded", "hard_chunk_shuffled", "no_log_keep"])
+def test_reference_and_xla_dispatch_match_numpy(case):
+    """The jnp reference (which every kernel test compares with) and backend="xla" / "auto" (the default on CPU)
+    against the numpy implementation above: soft and hard log_keep, GQA, padding, shuffled keys, a row that
+    sees nothing, log_keep=None / k_valid=None meaning 0 / all valid."""
+    if case == "soft_gqa_padded":
+        args, w = _make(8, B=2, T=12, S=12, Hq=4, Hkv=2, D=16, dtype=jnp.float32, pad_frac=0.2), 3
+    elif case == "hard_chunk_shuffled":
+        args, w = _make(9, B=1, T=6, S=14, Hq=2, Hkv=1, D=16, dtype=jnp.float32, hard_frac=0.6,
+                        shuffle_keys=True), 2
+    else:
+        q, k, v, q_pos, k_pos, _, _ = _make(5, B=1, T=8, S=8, Hq=2, Hkv=1, D=16, dtype=jnp.float32)
+        args, w = (q, k, v, q_pos, k_pos, None, None), 2
+    if case == "soft_gqa_padded":  # batch row 1's first query sees no valid key
+        k_valid = np.asarray(args[6]).copy()
+        k_valid[1, :1] = False
+        args = args[:6] + (jnp.asarray(k_valid),)
+    want = _np_attention(*args, window=w)
+    if case == "soft_gqa_padded":
+        assert np.all(want[1, 0] == 0)
+    for out in (dms_flash_attention_reference(*args, window=w), dms_flash_attention(*args, window=w),
+                dms_flash_attention(*args, window=w, backend="xla")):
+        np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5, atol=1e-6)
+    if case == "no_log_keep":
+        ker = dms_flash_attention(*args, window=w, backend="pallas_gpu", interpret=True, **BLOCKS)
+        np.testing.assert_allclose(np.asarray(ker, np.float64), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
