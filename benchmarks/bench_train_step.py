@@ -133,9 +133,11 @@ def plot(results: dict, png: Path) -> None:
     FigureCanvasAgg(fig)
     a, b = fig.subplots(1, 2)
     runs = results["runs"]
-    labels = [f"{r['trainable']} {r['compute_dtype'][:4]} remat {'on' if r['remat'] else 'off'}" for r in runs]
+    short = {"float32": "f32", "bfloat16": "bf16"}
+    labels = [f"{r['trainable']} {short.get(r['compute_dtype'], r['compute_dtype'])} remat "
+              f"{'on' if r['remat'] else 'off'}" for r in runs]
     for label in dict.fromkeys(labels):
-        sel = [r for r, lab in zip(runs, labels) if lab == label]
+        sel = sorted((r for r, lab in zip(runs, labels) if lab == label), key=lambda r: r["seq_len"])
         xs = [r["seq_len"] for r in sel]
         a.plot(xs, [r["tokens_per_s"] for r in sel], "o-", label=label)
         b.plot(xs, [r["fraction_of_peak"] for r in sel], "o-", label=label)
