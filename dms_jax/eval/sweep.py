@@ -38,8 +38,8 @@ SWEEPS = {
     # (tasks.WORDINGS; the training rows use none of them), three retrieval tasks at 1K and 2K tokens.
     "v3": dict(model=None, methods=list(METHODS), ratios=[2.0, 4.0, 8.0],
                tasks=["passkey", "variable_tracking", "multikey", "heldout"], lengths=[1024, 2048], cases=50,
-               wordings="all", batch=5, max_new_tokens=16, heldout_seqs=8, heldout_len=2048, heldout_chunk=64,
-               prefill_chunk=64, page_size=16),
+               wordings="all", max_lengths={}, batch=5, max_new_tokens=16, heldout_seqs=8, heldout_len=2048,
+               heldout_chunk=64, prefill_chunk=64, page_size=16),
     # Inference-time hyper-scaling (--sweep hyperscale*): per case, one prefill forked into ``chains`` sampled
     # chains; majority votes over the first W chains, W = 1, 2, 4, ..., chains (see run_hyperscale).
     "hyperscale-smoke": dict(model=TINY, methods=["vanilla", "dms"], ratios=[], tasks=["passkey", "arithmetic"],
@@ -55,7 +55,6 @@ SWEEPS = {
 # variable_tracking at 2K is at the floor for the 135M model (DESIGN.md section 3): only the first length there,
 # unless the sweep sets its own ``max_lengths``.
 TASK_MAX_LENGTHS = {"variable_tracking": 1}
-SWEEPS["v3"]["max_lengths"] = {}
 
 
 def default_wordings(task: str) -> list[str]:
