@@ -232,13 +232,3 @@ def generate_dmc(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_t
     stats = {"tokens_seen": seen, "slots": slots, "n_tokens": n_tokens, "n_live": n_live,
              "cache_ratio": n_tokens / np.maximum(n_live, 1)}
     return [out[i, : lengths[i]].tolist() for i in range(len(prompts))], stats
-
-
-def chat_prompt(tokenizer, user_message: str, system: str | None = None) -> list[int]:
-    """Token ids of a single-turn chat prompt, ending with the assistant's turn header."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user_message}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers >= 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from dms_jax import tasks
+from dms_jax.chat import chat_prompt
 
 # (task, wording family) of the retrieval prompts; the multi-turn exchange uses multikey in its default family.
 RETRIEVAL = (("passkey", "ruler"), ("passkey", "natural"), ("multikey", "document"), ("variable_tracking", "rules"))
@@ -55,7 +56,7 @@ def document_question_case(tokenizer, target_tokens: int, seed: int = 0) -> task
     def prompt(n: int) -> list[int]:
         sentences = list(itertools.islice(itertools.cycle(pool[start:] + pool[:start]), n))
         doc = " ".join(sentences[:n // 2] + [fact] + sentences[n // 2:])
-        return tasks.chat_prompt_ids(tokenizer, DOCUMENT_TEMPLATE.format(doc=doc, question=question))
+        return chat_prompt(tokenizer, DOCUMENT_TEMPLATE.format(doc=doc, question=question))
 
     empty, probe = len(prompt(0)), len(prompt(40))
     n = max(0, round((target_tokens - empty) * 40 / max(probe - empty, 1)))
@@ -87,7 +88,7 @@ def follow_up_case(tokenizer, case: tasks.Case, first_answer: str) -> tasks.Case
     j = (labels.index(case.meta["label"]) + 1) % len(labels)
     question = tasks.MULTIKEY_WORDINGS[case.meta["wording"]].question.format(label=labels[j])
     history = [(tasks.user_message(tokenizer, case), first_answer)]
-    ids = tasks.chat_prompt_ids(tokenizer, question, history=history)
+    ids = chat_prompt(tokenizer, question, history=history)
     return tasks.Case(prompt_ids=tuple(ids), answer=values[j],
                       meta={"task": "multikey", "wording": case.meta["wording"], "label": labels[j], "turn": 2})
 

@@ -48,6 +48,8 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Seque
 
 import numpy as np
 
+from dms_jax.chat import chat_messages, chat_prompt, chat_text, encode
+
 __all__ = [
     "Case",
     "Task",
@@ -72,7 +74,6 @@ __all__ = [
     "extract_number",
     "majority_vote",
     "score_answer",
-    "chat_prompt_ids",
     "user_message",
     "resolve_assignments",
 ]
@@ -101,54 +102,17 @@ class Case:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _chat_text(tokenizer, messages: Sequence[Mapping[str, str]], assistant_prefix: str = "") -> str:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    else:  # a tokenizer without a template: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        if assistant_prefix:
-            assistant_prefix = " " + assistant_prefix
-    return text + assistant_prefix
-
-
-def _encode(tokenizer, text: str, offsets: bool = False):
-    if offsets:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def chat_prompt_ids(
-    tokenizer, user: str, *, system: str | None = None, history: Sequence[tuple[str, str]] = (),
-    assistant_prefix: str = "",
-) -> list[int]:
-    """Token ids of a chat prompt: optional system message, earlier (user, assistant) turns, the user message,
-    the generation prompt, then ``assistant_prefix`` (the start of the answer, may be empty)."""
-    return _encode(tokenizer, _chat_text(tokenizer, _messages(user, system, history), assistant_prefix))
-
-
 def user_message(tokenizer, case: "Case") -> str:
     """The user message of a single-turn case made without a system message or assistant prefix: its prompt text
     (``meta["prompt"]``) without the chat template around it, e.g. to ask a second question in a later turn
-    (``chat_prompt_ids(tokenizer, question, history=[(user_message(tokenizer, case), answer)])``)."""
+    (``chat_prompt(tokenizer, question, history=[(user_message(tokenizer, case), answer)])``)."""
     marker = "\x00USER\x00"
-    head, tail = _chat_text(tokenizer, _messages(marker, None, ())).split(marker)
+    head, tail = chat_text(tokenizer, chat_messages(marker, None, ())).split(marker)
     text = case.meta.get("prompt", "")
     if len(text) < len(head) + len(tail) or not (text.startswith(head) and text.endswith(tail)):
         raise ValueError("case: its prompt is not one user message in this tokenizer's chat template "
                          "(made with a system message, an assistant prefix or another tokenizer?)")
     return text[len(head):len(text) - len(tail)]
-
-
-def _messages(user: str, system: str | None, history: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    msgs: list[dict[str, str]] = []
-    if system is not None:
-        msgs.append({"role": "system", "content": system})
-    for u, a in history:
-        msgs.append({"role": "user", "content": u})
-        msgs.append({"role": "assistant", "content": a})
-    msgs.append({"role": "user", "content": user})
-    return msgs
 
 
 def _case_rng(seed: int, index: int, salt: int) -> np.random.Generator:
@@ -329,7 +293,7 @@ def _build_to_length(
     """
     marker = "\x00HAYSTACK\x00"
     user_t, prefix = render(marker)
-    text_t = _chat_text(tokenizer, _messages(user_t, system, history), prefix)
+    text_t = chat_text(tokenizer, chat_messages(user_t, system, history), prefix)
     if text_t.count(marker) != 1:
         raise ValueError("tokenizer: its chat template altered the prompt; cannot place the haystack")
     start = text_t.index(marker)
@@ -339,7 +303,7 @@ def _build_to_length(
         inserts = place(n)
         hay, spans = _haystack(n, inserts, filler)
         text = head + hay + tail
-        ids = _encode(tokenizer, text)
+        ids = encode(tokenizer, text)
         return _Built(ids, text, n, inserts, start, start + len(hay), [(start + a, start + c) for a, c in spans])
 
     base = assemble(0)
@@ -375,11 +339,11 @@ def _token_index(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
 
 def _token_positions(tokenizer, text: str, char_positions: Sequence[int]) -> list[int]:
     try:
-        _, offsets = _encode(tokenizer, text, offsets=True)
+        _, offsets = encode(tokenizer, text, offsets=True)
         return [_token_index(offsets, c) for c in char_positions]
     except (NotImplementedError, KeyError, TypeError, ValueError):
         # Slow tokenizers have no offsets: count the tokens of the text before each position.
-        return [len(_encode(tokenizer, text[:c])) for c in char_positions]
+        return [len(encode(tokenizer, text[:c])) for c in char_positions]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -989,7 +953,7 @@ def make_arithmetic_cases(
                 shots.append((q, f"{pre} {z}" if pre else z))
         n_filler = 0
         if target_tokens is None:
-            ids = chat_prompt_ids(tokenizer, question, system=system, history=shots, assistant_prefix=prefix)
+            ids = chat_prompt(tokenizer, question, system=system, history=shots, assistant_prefix=prefix)
         else:
             ids, n_filler = _pad_with_system_filler(
                 tokenizer, int(target_tokens), system, question, shots, prefix, w.background
@@ -1023,7 +987,7 @@ def _pad_with_system_filler(
         hay, _ = _haystack(n, [])
         text = f"{background} {hay}" if n else background
         sys_text = f"{system}\n\n{text}" if system else text
-        return chat_prompt_ids(tokenizer, question, system=sys_text, history=shots, assistant_prefix=prefix)
+        return chat_prompt(tokenizer, question, system=sys_text, history=shots, assistant_prefix=prefix)
 
     base = build(0)
     if len(base) > target_tokens:

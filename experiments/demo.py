@@ -124,7 +124,8 @@ def run_retrofit(argv: list[str]) -> dict:
     print(before_after_table(result))
 
     from dms_jax import weights
-    from dms_jax.generate import chat_prompt, generate
+    from dms_jax.chat import chat_prompt
+    from dms_jax.generate import generate
 
     run = argv[argv.index("--run-dir") + 1]
     tokenizer = weights.load_tokenizer(None)

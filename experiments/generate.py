@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parser.parse_args(argv)
 
     from dms_jax import weights
-    from dms_jax.generate import SamplingConfig, chat_prompt, generate
+    from dms_jax.chat import chat_prompt
+    from dms_jax.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     try:

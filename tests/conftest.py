@@ -160,7 +160,7 @@ def hf_default_model(default_path):
 
 @pytest.fixture(scope="session")
 def chat_prompts(tokenizer):
-    from dms_jax.generate import chat_prompt
+    from dms_jax.chat import chat_prompt
 
     return [chat_prompt(tokenizer, m) for m in CHAT_MESSAGES]
 

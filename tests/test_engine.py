@@ -408,7 +408,7 @@ def test_real_model_parity(tokenizer, default_path):
     """SmolLM2-135M with untouched neuron-reuse logits (a mixed eviction pattern already) and a 16-token window:
     chunked prefill + teacher-forced decode == the full-sequence hard forward; live counts per head match."""
     from dms_jax import weights
-    from dms_jax.generate import chat_prompt
+    from dms_jax.chat import chat_prompt
 
     w = 16
     model = weights.load_model(default_path, dms=DMSConfig(window=w))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import CHAT_MESSAGES
-from dms_jax.generate import SamplingConfig, chat_prompt, generate, left_pad, sample_next
+from dms_jax.chat import chat_prompt
+from dms_jax.generate import SamplingConfig, generate, left_pad, sample_next
 
 NEW_TOKENS = 32
 FRANCE = "What is the capital of France?"  # SmolLM2 answers in 8 tokens and emits <|im_end|> (EOS)
@@ -172,15 +173,6 @@ def test_left_pad():
     np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
     np.testing.assert_array_equal(valid, [[True, True, True], [False, False, True]])
     chex.assert_type([tokens, positions], np.int32)
-
-
-def test_chat_prompt_matches_template(tokenizer):
-    ids = chat_prompt(tokenizer, "Hello there", system="Be brief.")
-    text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
-        add_generation_prompt=True, tokenize=False)
-    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert text.endswith("<|im_start|>assistant\n")
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -56,11 +56,6 @@ def test_passkey_cases_are_seeded_and_prefix_stable(tok):
     c = tasks.make_passkey_cases(tok, 6, seed=12, target_tokens=600)
     assert [x.answer for x in a] != [x.answer for x in c]
     assert len({x.answer for x in a}) > 1 and len({round(x.meta["depth"], 3) for x in a}) > 1
-    # Using the chat template directly gives the same ids.
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
-    )
-    assert tasks.chat_prompt_ids(tok, "hello") == tok(ids, add_special_tokens=False)["input_ids"]
     pref = tasks.make_passkey_cases(tok, 1, seed=11, target_tokens=600, assistant_prefix="The pass key is")
     assert tok.decode(pref[0].prompt_ids).endswith("<|im_start|>assistant\nThe pass key is")
 
