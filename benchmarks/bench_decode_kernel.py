@@ -18,11 +18,8 @@ interpreter, not the kernel).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform as _platform
-import shlex
 import sys
 import time
 
@@ -33,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dms_jax.provenance import command_line, machine_description, utc_now  # noqa: E402
 from pallas_kernels import live_kv_bytes, paged_decode_attention  # noqa: E402
 from pallas_kernels._common import default_platform  # noqa: E402
 
@@ -161,10 +159,9 @@ def main(argv=None):
                       f"{kv_bytes / 1e6:>11.2f} {gb} {pct:>7}")
 
     result = dict(
-        command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(platform=plat, device_kind=kind, num_devices=jax.device_count(), jax=jax.__version__,
-                     host=_platform.platform(), cpu_count=os.cpu_count()),
+        command=command_line("python benchmarks/bench_decode_kernel.py", argv or None),
+        date=utc_now(),
+        machine=machine_description(),
         config=dict(batch=B, kv_heads=H, group=G, head_dim=D, page_size=page_size, dtype=dtype.name,
                     iters=iters, contexts=contexts, crs=args.crs,
                     lengths="CR 1: every head = context; CR > 1: per head context/CR * U(0.5, 1.5) "

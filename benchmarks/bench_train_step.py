@@ -34,10 +34,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dms_jax import train, weights  # noqa: E402
+from dms_jax import weights  # noqa: E402
 from dms_jax.config import DMSConfig  # noqa: E402
-from dms_jax.data import builtin_text_ids  # noqa: E402
+from dms_jax.data.corpus import builtin_text_ids  # noqa: E402
 from dms_jax.provenance import provenance  # noqa: E402
+from dms_jax.train import step as train  # noqa: E402
 
 
 def _csv(text, kind=str):

@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_engine_decode import SMOLLM2_135M  # noqa: E402
 
 from dms_jax import weights  # noqa: E402
 from dms_jax.config import ModelConfig  # noqa: E402
+from dms_jax.eval.bench_decode import SMOLLM2_135M  # noqa: E402
 from dms_jax.model import create_model  # noqa: E402
 
 

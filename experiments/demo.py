@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_side_by_side(args, argv) -> dict:
-    from dms_jax import adapter, provenance, side_by_side, weights
+    from dms_jax import adapter, provenance, weights
+    from dms_jax.eval import side_by_side
 
     t0 = time.perf_counter()
     base = weights.resolve_model_path(args.base)
@@ -125,7 +126,7 @@ def run_retrofit(argv: list[str]) -> dict:
 
     from dms_jax import weights
     from dms_jax.chat import chat_prompt
-    from dms_jax.generate import generate
+    from dms_jax.serve.reference import generate
 
     run = argv[argv.index("--run-dir") + 1]
     tokenizer = weights.load_tokenizer(None)

@@ -7,7 +7,7 @@
     python -m experiments.generate --model path/to/dmc_checkpoint --dmc --prompt "Hi"
 
 All prompts run as one left-padded batch through a jit-compiled decode loop with a dense KV cache, or, with --dms,
---dmc, --chains or --budget-pages, through the paged engine (dms_jax.engine: per-head pages, DMS eviction or DMC
+--dmc, --chains or --budget-pages, through the paged engine (dms_jax.serve.engine: per-head pages, DMS eviction or DMC
 merging that frees memory, chains sharing the prompt's pages, a page budget). Prompts go through the model's chat
 template unless --no-chat. The first call includes jit compilation; use --repeat 2 to also time a compiled run.
 """
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     from dms_jax import weights
     from dms_jax.chat import chat_prompt
-    from dms_jax.generate import SamplingConfig, generate
+    from dms_jax.serve.reference import generate
+    from dms_jax.serve.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     try:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         parser.error(f"--dmc needs a model with DMC settings (a DMC checkpoint); "
                      f"{args.model or 'the default model'} has none")
     if use_engine:
-        from dms_jax.engine import Engine
+        from dms_jax.serve.engine import Engine
 
         policy = "dms" if args.dms else "dmc" if args.dmc else "vanilla"
         engine = Engine(model, policy, budget_pages=args.budget_pages)

@@ -1,4 +1,5 @@
-"""Pallas kernels for dms-jax: paged decode attention and DMS-masked flash attention.
+"""Pallas kernels for dms-jax: paged decode attention and DMS-masked flash attention, and the blocked XLA
+paged attention the engine uses on CPU.
 
 Every kernel has a pure-jnp reference with the same signature, a TPU lowering (Mosaic) and a GPU lowering
 (Pallas' own Triton backend; jax-triton is not used, see docs/kernels.md), and a dispatch function with
@@ -36,6 +37,16 @@ Every kernel has a pure-jnp reference with the same signature, a TPU lowering (M
    ``dms_flash_attention_reference`` (materialises the bias, ``dms_jax.dms.dms_attention_bias`` with -inf
    for masked entries; jax.grad gives the reference gradients) and ``dms_flash_block_map`` (which
    (q block, kv block) pairs the kernels visit). The window rule itself is ``dms_jax.dms.visible_if_marked``.
+
+3. Blocked paged attention in plain XLA (``xla_blocked.py``; the engine's "xla_blocked" backend, its CPU
+   default)::
+
+       paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale=None, block_tokens=None,
+                               return_pools=False, new_kv=None, exclude_slot=None, thread_pools=False)
+
+   the contract of ``paged_decode_attention``, as an online softmax over blocks of cached pages that stops at
+   the longest live head (``online_blocks``, which the engine's prefill also uses for its cached keys).
+   ``new_kv`` / ``exclude_slot`` let a caller attend to a token before writing it into the pool.
 """
 
 from .dms_flash import (
@@ -50,12 +61,15 @@ from .paged_decode import (
     paged_decode_attention_pallas_tpu,
     paged_decode_attention_reference,
 )
+from .xla_blocked import online_blocks, paged_attention_blocked
 
 __all__ = [
     "dms_flash_attention",
     "dms_flash_attention_reference",
     "dms_flash_block_map",
     "live_kv_bytes",
+    "online_blocks",
+    "paged_attention_blocked",
     "paged_decode_attention",
     "paged_decode_attention_pallas_gpu",
     "paged_decode_attention_pallas_tpu",

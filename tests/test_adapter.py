@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dms_jax import adapter, train, weights
+from dms_jax import adapter, weights
 from dms_jax.config import DMSConfig, ModelConfig
 from dms_jax.model import create_model
+from dms_jax.train import step as train
 
 CFG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True,

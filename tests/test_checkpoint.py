@@ -30,9 +30,10 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_helpers as th  # noqa: E402
-from dms_jax import train, weights  # noqa: E402
+from dms_jax import weights  # noqa: E402
 from dms_jax.checkpoint import RetrofitCheckpoints  # noqa: E402
 from dms_jax.config import DMSConfig  # noqa: E402
+from dms_jax.train import step as train  # noqa: E402
 
 STEPS = 12
 # checkpoint every 2 steps, keep 2; target CR 1 -> 3 over 10 steps: whole CRs 2 and 3 at steps 5 and 10.
@@ -119,7 +120,7 @@ def test_manager_keep_k_meta_milestones_and_restore(tmp_path):
 def test_milestone_steps_are_exact_for_awkward_schedules():
     """1 -> 4 over 41 steps: the float32 schedule gives 3.9999998 at step 41 (XLA's vectorised division), so a
     milestone chosen from it would never be saved for CR 4 in a 41-step run; the CLI picks steps exactly."""
-    from experiments.distill import _exact_target_cr
+    from dms_jax.train.distill import _exact_target_cr
 
     cfg = train.DistillConfig(steps=41, cr_initial=1.0, cr_final=4.0, cr_final_step=41)
     crs = [_exact_target_cr(cfg, s) for s in range(42)]

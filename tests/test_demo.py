@@ -1,4 +1,4 @@
-"""experiments.demo: its own --help, and the side-by-side run (dms_jax.side_by_side) on a tiny random model."""
+"""experiments.demo: its own --help, and the side-by-side run (dms_jax.eval.side_by_side) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from train_helpers import REPO, save_byte_tokenizer
 
-from dms_jax import adapter, side_by_side, tasks, weights
+from dms_jax import adapter, weights
 from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.eval import side_by_side, tasks
+from dms_jax.eval.prompts import user_message
 from dms_jax.model import create_model
 
 CFG = ModelConfig(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -64,7 +66,7 @@ def test_follow_up_asks_another_key_after_the_models_answer(tiny):
     second = side_by_side.follow_up_case(tok, case, "The code is 12345.")
     text = tok.decode(second.prompt_ids)
     assert text.startswith("User: ")  # the byte tokenizer has no chat template: a plain transcript
-    assert tasks.user_message(tok, case) in text and "The code is 12345." in text
+    assert user_message(tok, case) in text and "The code is 12345." in text
     assert second.meta["label"] != case.meta["label"] and text.rstrip().endswith("Assistant:")
     assert second.answer == case.meta["values"][list(case.meta["labels"]).index(second.meta["label"])]
 

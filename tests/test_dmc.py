@@ -1,4 +1,4 @@
-"""Tests of DMC (dms_jax/dmc.py and its wiring in model.py / train.py / weights.py / experiments.distill).
+"""Tests of DMC (dms_jax/dmc.py and its wiring in model.py / train/step.py / weights.py / experiments.distill).
 
 The numpy references are plain loops (a token-by-token merge cache, the recurrence, double sums), sharing no code
 with the jnp implementation. The central check is the one DMC's training rests on: with hard decisions, the
@@ -28,9 +28,10 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_helpers as th  # noqa: E402
-from dms_jax import dmc, dms, train, weights  # noqa: E402
+from dms_jax import dmc, dms, weights  # noqa: E402
 from dms_jax import model as M  # noqa: E402
 from dms_jax.config import DMCConfig, DMSConfig, ModelConfig  # noqa: E402
+from dms_jax.train import step as train  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- numpy references
 
@@ -512,7 +513,7 @@ def test_generate_dmc_greedy_equals_recomputing_the_hard_forward():
     """generate_dmc (parallel prefill, then merge-cache decode, stop ids, left-padded batch) against greedy decoding
     that recomputes the hard-mode full forward from scratch for every token; its cache statistics against the
     decisions of that forward over everything the cache has seen."""
-    from dms_jax.generate import generate, generate_dmc
+    from dms_jax.serve.reference import generate, generate_dmc
 
     ccfg = DMCConfig(accumulation_window=3, logit_offset=0.3)
     model = wide_model(LLAMA, ccfg, seed=2)
@@ -556,7 +557,8 @@ def test_generate_dmc_greedy_equals_recomputing_the_hard_forward():
 def test_generate_dmc_without_merges_equals_dense_generation():
     """Borrowed neurons zeroed (every merge logit = -offset < 0): no token merges, and DMC generation, greedy and
     sampled, equals plain dense generation of the same weights; the cache ratio is 1."""
-    from dms_jax.generate import SamplingConfig, generate, generate_dmc
+    from dms_jax.serve.reference import generate, generate_dmc
+    from dms_jax.serve.sampling import SamplingConfig
 
     model = wide_model(LLAMA, DMCConfig(accumulation_window=3), seed=3)
     train.zero_dmc_neurons(model)

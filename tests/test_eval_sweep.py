@@ -2,8 +2,8 @@
 
 import pytest
 
-from dms_jax import tasks, weights
-from dms_jax.eval import sweep
+from dms_jax import weights
+from dms_jax.eval import sweep, tasks
 
 
 def test_wording_families_draw_their_own_cases_and_the_default_keeps_the_old_ones():

@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY_FAMILIES, hf_logits, rel_err, tiny_hf_config_dict
 from dms_jax import model as M
 from dms_jax.config import ModelConfig
-from dms_jax.generate import left_pad
+from dms_jax.serve.reference import left_pad
 
 REAL_TOL = 1e-4
 TINY_TOL = 1e-5

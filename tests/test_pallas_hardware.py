@@ -115,9 +115,9 @@ def test_dms_flash_forward_and_grads_on_device(dtype, hard):
 
 def test_engine_on_device_equals_hard_forward():
     """The paged engine with the platform's kernel: prefill + decode == the hard-mode forward over the sequence."""
-    from test_engine import _hard_forward, _teacher_forced_errors, _tiny_dms_model
+    from test_serve_engine import _hard_forward, _teacher_forced_errors, _tiny_dms_model
 
-    from dms_jax.engine import Engine
+    from dms_jax.serve.engine import Engine
 
     with jax.default_matmul_precision("highest"):
         model = _tiny_dms_model(head_dim=16)  # Triton's dot needs 16+ along every dimension
@@ -134,12 +134,12 @@ def test_dmc_engine_on_device_equals_hard_forward():
     import dataclasses
 
     from flax import nnx
-    from test_engine import _hard_forward, _teacher_forced_errors
-    from test_engine_dmc import CFG, WINDOW
+    from test_serve_engine import _hard_forward, _teacher_forced_errors
+    from test_serve_engine_dmc import CFG, WINDOW
 
     from dms_jax.config import DMCConfig
-    from dms_jax.engine import Engine
     from dms_jax.model import create_model
+    from dms_jax.serve.engine import Engine
 
     with jax.default_matmul_precision("highest"):
         cfg = dataclasses.replace(CFG, head_dim=16)  # Triton's dot needs 16+ along every dimension

@@ -45,9 +45,10 @@ def _worker(out_dir: str):
     import optax
     from flax import nnx
 
-    from dms_jax import sharding, train
+    from dms_jax import sharding
+    from dms_jax.train import step as train
     from experiments import distill
-    from test_train import T, tiny_model
+    from test_train_step import T, tiny_model
 
     assert jax.device_count() == 8, jax.devices()
     out = Path(out_dir)

@@ -90,11 +90,11 @@ def make_tiny_llama_dir(directory: Path, seed: int = 0, **overrides) -> Path:
 
 def write_text_jsonl(path: Path, n_docs: int = 160) -> Path:
     """Real English text (Python's language reference, shipped with CPython) as JSONL, one section a line."""
-    from dms_jax import data
+    from dms_jax.data import corpus
 
     path = Path(path)
     if not path.exists():
-        docs = data.builtin_documents("pydoc-topics")[:n_docs]
+        docs = corpus.builtin_documents("pydoc-topics")[:n_docs]
         with open(path, "w") as f:
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")

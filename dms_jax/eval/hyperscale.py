@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dms_jax.eval import tasks
 from dms_jax.eval.report import _panel, _series, log_x_if_positive, markdown_header, panel_figure, save_results
 from dms_jax.eval.stats import ci95
 from dms_jax.eval.sweep import BASELINES, TASK_SEEDS, Job, _key
@@ -37,8 +38,6 @@ def _hashable(x):
 
 def nested_vote_scores(task: str, extracted, answer: str, ws) -> dict[int, float]:
     """{W: score of the majority vote over the first W chains' extracted answers} (``tasks.score_answer``)."""
-    from dms_jax import tasks
-
     ext = [_hashable(x) for x in extracted]
     if max(ws) > len(ext):
         raise ValueError(f"W up to {max(ws)} but only {len(ext)} chains")
@@ -47,8 +46,6 @@ def nested_vote_scores(task: str, extracted, answer: str, ws) -> dict[int, float
 
 def block_vote_score(task: str, extracted, answer: str, w: int) -> float:
     """Mean score of the majority votes over the disjoint blocks of ``w`` consecutive chains."""
-    from dms_jax import tasks
-
     ext = [_hashable(x) for x in extracted]
     n = len(ext) // w
     if n == 0:
@@ -166,8 +163,7 @@ def write_hyperscale_outputs(out: Path, results: dict, plot_it: bool) -> str:
 def run_hyperscale_case(eng, tok, case, index: int, task: str, s: dict) -> dict:
     """One case: one prefill, ``chains`` sampled chains; per chain the extracted answer, its score and the cache
     figures (JSON-ready)."""
-    from dms_jax import tasks
-    from dms_jax.generate import SamplingConfig
+    from dms_jax.serve.sampling import SamplingConfig
 
     t0 = time.perf_counter()
     res = eng.generate([list(case.prompt_ids)], max_new_tokens=s["max_new_tokens"], chains=s["chains"],
@@ -196,7 +192,7 @@ def run_hyperscale_case(eng, tok, case, index: int, task: str, s: dict) -> dict:
 
 def run_hyperscale_sweep(s, results, out: Path, jobs, runner, bar):
     """Runs every group's missing cases (saving after each case) and rebuilds the points."""
-    from dms_jax.engine import Engine
+    from dms_jax.serve.engine import Engine
 
     groups = results.setdefault("groups", [])
     by_key = {_key(g["settings"]): g for g in groups}

@@ -10,7 +10,9 @@ import math
 import time
 from pathlib import Path
 
+from dms_jax.eval import tasks
 from dms_jax.eval.stats import ci95, compression_summary, wording_summary
+from dms_jax.eval.tasks import WORDINGS
 
 METHODS = ("vanilla", "dms", "dmc", "tova", "h2o", "streaming", "quest")
 LEARNED = ("dms", "dmc")  # methods whose model decides (one point per checkpoint, at its measured ratio)
@@ -58,16 +60,12 @@ TASK_MAX_LENGTHS = {"variable_tracking": 1}
 
 
 def default_wordings(task: str) -> list[str]:
-    from dms_jax.tasks import WORDINGS
-
     return list(WORDINGS[task][:1]) if task in WORDINGS else []
 
 
 def resolve_wordings(spec: str, task_names, cases: int) -> dict[str, list[str]]:
     """{task: its wording families} from ``spec``: 'default', 'all' or comma-separated family names (a name applies
     to every task that has it, and each must belong to at least one of the tasks). ValueError names the problem."""
-    from dms_jax.tasks import WORDINGS
-
     generated = [t for t in task_names if t in WORDINGS]
     if spec == "default":
         out = {t: default_wordings(t) for t in generated}
@@ -128,8 +126,9 @@ def milestone_loaders(run_dir: Path, base_model: str | None) -> list[tuple[str, 
     def load(step):
         from flax import nnx
 
-        from dms_jax import train, weights
+        from dms_jax import weights
         from dms_jax.config import DMSConfig
+        from dms_jax.train import step as train
 
         arch = metas[step]["arch"]
         dms_cfg = DMSConfig(**arch["dms_config"])
@@ -206,7 +205,7 @@ class Job:
     def budget(self) -> int | None:
         if self.method not in BASELINES:
             return None
-        from dms_jax.baselines import budget_for_ratio
+        from dms_jax.serve.baselines import budget_for_ratio
 
         return budget_for_ratio(self.length, self.ratio)
 
@@ -278,7 +277,7 @@ class Runner:
         return self._models[job.checkpoint]
 
     def engine(self, job: Job, model, prefill_chunk):
-        from dms_jax.engine import Engine
+        from dms_jax.serve.engine import Engine
 
         kw = {} if job.method in ("vanilla",) + LEARNED else {"budget": job.budget()}
         if job.method == "dms" and model.dms_cfg is None:
@@ -289,8 +288,6 @@ class Runner:
 
     def cases(self, task, length):
         """The point's cases: ``cases`` split evenly over the task's wording families, family by family."""
-        from dms_jax import tasks
-
         key = (task, length)
         if key not in self._cases:
             families = self.s["wordings"][task]
@@ -306,8 +303,6 @@ class Runner:
 
     def run_generation(self, job: Job) -> dict:
         import numpy as np
-
-        from dms_jax import tasks
 
         s = self.s
         model = self.model_for(job)
@@ -362,14 +357,14 @@ class Runner:
     def heldout_rows(self):
         import numpy as np
 
-        from dms_jax import data
+        from dms_jax.data import corpus, packing
 
         if "heldout" not in self._cases:
-            docs = data.load_documents("default")
-            _, held = data.split_documents(docs)
-            toks = data.tokenize_documents(held, self.tok)
+            docs = corpus.load_documents("default")
+            _, held = corpus.split_documents(docs)
+            toks = corpus.tokenize_documents(held, self.tok)
             eos = self.tok.eos_token_id
-            packed = data.pack_tokens(toks, self.s["heldout_len"], eos_id=eos, last="drop")
+            packed = packing.pack_tokens(toks, self.s["heldout_len"], eos_id=eos, last="drop")
             n = min(self.s["heldout_seqs"], len(packed.tokens))
             if n == 0:
                 raise SystemExit(f"the held-out split has no sequence of {self.s['heldout_len']} tokens")
@@ -380,7 +375,7 @@ class Runner:
         """Vanilla logits of every held-out row (float16, the KL reference) and their NLL."""
         import numpy as np
 
-        from dms_jax.engine import Engine
+        from dms_jax.serve.engine import Engine
 
         if "heldout_ref" not in self._cases:
             eng = Engine(self.base_model, "vanilla", page_size=self.s["page_size"],

@@ -1,0 +1,250 @@
+"""Page accounting of the paged cache (spec.py): on-device allocation, releases, copy-on-write forks, slot
+resizes, preemption choices, page copies and writes, the compaction of a page selection, and the bucketing of
+table widths.
+
+Pages are handed out inside jit: the first free pages of the pool (refcount 0) in flattened head order. Chains
+forked from one prompt share its pages (refcount > 1); a page is copied the first time a sharer writes into it
+(``plans.plan_decode``, ``plans.dmc_decode_slots``) and returns to the pool when its last owner lets go. When the
+free pages do not cover a step's requests, ``select_preemptions`` picks the sequences to let go (most recently
+admitted first). All functions are pure and jit-compatible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dms_jax.serve.spec import SINK_PAGE, PagedCache, state_rows
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Allocation, release, fork, preemption
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pages_for(lengths: Array, page_size: int) -> Array:
+    """Pages a head of ``lengths`` live slots holds (ceil)."""
+    return (lengths + page_size - 1) // page_size
+
+
+def free_pages(refcount: Array) -> Array:
+    return jnp.sum(refcount == 0, dtype=jnp.int32)
+
+
+def used_pages(refcount: Array) -> Array:
+    """Pages in use, excluding the sink."""
+    return jnp.sum(refcount[1:] > 0, dtype=jnp.int32)
+
+
+def allocate(refcount: Array, need: Array) -> tuple[Array, Array]:
+    """Hands out one free page to every True entry of ``need`` (any shape), in flattened order.
+
+    Returns (page ids with ``need``'s shape, SINK_PAGE where not needed; new refcount). The caller has checked that
+    enough pages are free (``sum(need) <= free_pages``); entries past the free pages would get the sink.
+    """
+    flat = need.reshape(-1)
+    n = flat.shape[0]
+    free_ids = jnp.nonzero(refcount == 0, size=n, fill_value=SINK_PAGE)[0].astype(jnp.int32)
+    rank = jnp.cumsum(flat.astype(jnp.int32)) - 1
+    ids = jnp.where(flat, free_ids[jnp.clip(rank, 0, n - 1)], SINK_PAGE)
+    refcount = refcount.at[ids].add(flat.astype(jnp.int32))
+    refcount = refcount.at[SINK_PAGE].set(1)
+    return ids.reshape(need.shape), refcount
+
+
+def table_refs(cache: PagedCache, page_size: int) -> Array:
+    """[L, S, Hkv, M] bool: the table entries that reference a page (below each head's page count)."""
+    m = cache.block_tables.shape[-1]
+    return jnp.arange(m) < pages_for(cache.lengths, page_size)[..., None]
+
+
+def release(cache: PagedCache, seqs: Array, page_size: int) -> PagedCache:
+    """Lets sequences ``seqs`` ``[S]`` bool go: drops their page references (pages whose count reaches 0 are free
+    again) and resets their tables, lengths, ring and token count."""
+    refs = table_refs(cache, page_size) & seqs[None, :, None, None]
+    refcount = cache.refcount.at[cache.block_tables.reshape(-1)].add(-refs.reshape(-1).astype(jnp.int32))
+    refcount = refcount.at[SINK_PAGE].set(1)
+    keep3 = ~seqs[None, :, None]
+    return cache.replace(
+        refcount=refcount,
+        block_tables=jnp.where(keep3[..., None], cache.block_tables, SINK_PAGE),
+        lengths=jnp.where(keep3, cache.lengths, 0),
+        ring_slot=jnp.where(keep3[..., None], cache.ring_slot, 0),
+        ring_dec=cache.ring_dec & keep3[..., None],
+        num_tokens=jnp.where(seqs, 0, cache.num_tokens),
+        policy_state=state_rows(cache.policy_state, lambda x: jnp.where(
+            seqs.reshape((1, -1) + (1,) * (x.ndim - 2)), jnp.zeros_like(x), x)),
+    )
+
+
+def drop_rows(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array, rows: Array,
+              page_size: int):
+    """``release`` for the rows ``rows`` ``[B]`` of one layer's arrays (tables ``[B, H, M]``, lengths ``[B, H]``,
+    ring ``[B, H, R]``): their pages in this layer go back to the pool at once. Returns the updated arrays."""
+    refs = (jnp.arange(tables.shape[-1]) < pages_for(lengths, page_size)[..., None]) & rows[:, None, None]
+    refcount = refcount.at[tables.reshape(-1)].add(-refs.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
+    keep = ~rows[:, None]
+    return (refcount, jnp.where(keep[..., None], tables, SINK_PAGE), jnp.where(keep, lengths, 0),
+            jnp.where(keep[..., None], ring_slot, 0), ring_dec & keep[..., None])
+
+
+def fork(cache: PagedCache, src: Array, dst: Array, page_size: int) -> PagedCache:
+    """Copy-on-write fork: sequence ``dst[i]`` becomes a copy of ``src[i]`` sharing all its pages (``[K]`` int32).
+
+    Nothing is copied now; a page is copied the first time a sharer writes into it (see ``plan_decode``). The
+    destinations must be empty (freshly released) slots.
+    """
+    tables = cache.block_tables.at[:, dst].set(cache.block_tables[:, src])
+    lengths = cache.lengths.at[:, dst].set(cache.lengths[:, src])
+    refs = jnp.arange(tables.shape[-1]) < pages_for(cache.lengths[:, src], page_size)[..., None]
+    refcount = cache.refcount.at[cache.block_tables[:, src].reshape(-1)].add(refs.reshape(-1).astype(jnp.int32))
+    return cache.replace(
+        refcount=refcount.at[SINK_PAGE].set(1),
+        block_tables=tables,
+        lengths=lengths,
+        ring_slot=cache.ring_slot.at[:, dst].set(cache.ring_slot[:, src]),
+        ring_dec=cache.ring_dec.at[:, dst].set(cache.ring_dec[:, src]),
+        num_tokens=cache.num_tokens.at[dst].set(cache.num_tokens[src]),
+        policy_state=state_rows(cache.policy_state, lambda x: x.at[:, dst].set(x[:, src])),
+    )
+
+
+def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
+    """The same pool with ``max_seqs`` sequence slots: existing slots keep their index, new ones are empty.
+    Dropped slots must be empty (released). Use with ``dataclasses.replace(spec, max_seqs=...)``."""
+    s = cache.num_tokens.shape[0]
+    if max_seqs < s and bool(jnp.any(cache.lengths[:, max_seqs:] > 0)):
+        raise ValueError(f"slots {max_seqs}..{s - 1} still hold tokens; release them first")
+
+    def fit(x, axis, fill):
+        if max_seqs <= s:
+            return jax.lax.slice_in_dim(x, 0, max_seqs, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, max_seqs - s)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    return cache.replace(
+        block_tables=fit(cache.block_tables, 1, SINK_PAGE), lengths=fit(cache.lengths, 1, 0),
+        ring_slot=fit(cache.ring_slot, 1, 0), ring_dec=fit(cache.ring_dec, 1, False),
+        num_tokens=fit(cache.num_tokens, 0, 0),
+        policy_state=state_rows(cache.policy_state, lambda x: fit(x, 1, 0)))
+
+
+def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
+    """[S] pages only this sequence references (refcount 1): what letting it go frees for sure."""
+    refs = table_refs(cache, page_size)
+    rc = cache.refcount[cache.block_tables]
+    return jnp.sum(refs & (rc == 1), axis=(0, 2, 3), dtype=jnp.int32)
+
+
+def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: Array) -> Array:
+    """Which sequences to preempt so that the remaining page requests fit: ``[S]`` bool.
+
+    need: pages each sequence asks for now; freeable: pages preempting it returns at once; candidate: may be
+    preempted. Candidates go highest slot first (the most recently admitted), and only as many as needed: the
+    shortest such prefix with ``n_free + freed >= total need - need of the preempted``. Empty when it fits.
+    When every sequence that needs a page is a candidate a solution always exists.
+    """
+    s = need.shape[0]
+    order = jnp.arange(s - 1, -1, -1)
+    gain_all = freeable[order] + need[order]
+    c = candidate[order] & (gain_all > 0)  # preempting a sequence that neither asks nor frees helps nobody
+    gain = jnp.where(c, gain_all, 0)
+    total = jnp.sum(need)
+    ok = n_free + jnp.cumsum(gain) >= total
+    first = jnp.where(jnp.any(ok), jnp.argmax(ok), s - 1)  # no prefix suffices: every candidate goes
+    pre = c & (jnp.arange(s) <= first) & (n_free < total)
+    return jnp.zeros((s,), bool).at[order].set(pre)
+
+
+def note_high_water(cache: PagedCache) -> PagedCache:
+    return cache.replace(high_water=jnp.maximum(cache.high_water, used_pages(cache.refcount)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Page contents: token writes and page copies
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_kv(k_pages: Array, v_pages: Array, page: Array, offset: Array, k: Array, v: Array):
+    """Scatters one token per head: page/offset ``[...]``, k/v ``[..., D]``."""
+    d = k.shape[-1]
+    page, offset = page.reshape(-1), offset.reshape(-1)
+    k_pages = k_pages.at[page, offset].set(k.reshape(-1, d).astype(k_pages.dtype))
+    v_pages = v_pages.at[page, offset].set(v.reshape(-1, d).astype(v_pages.dtype))
+    return k_pages, v_pages
+
+
+def copy_pages(k_pages: Array, v_pages: Array, src: Array, dst: Array):
+    """Copies pages ``src`` to ``dst`` (any equal shapes; sink-to-sink entries are no-ops). Every source is read
+    before any destination is written, so a page freed and handed out again within one step is still copied from."""
+    src, dst = src.reshape(-1), dst.reshape(-1)
+    return k_pages.at[dst].set(k_pages[src]), v_pages.at[dst].set(v_pages[src])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Page selections (Quest): a compacted table of the selected pages
+# ---------------------------------------------------------------------------------------------------------
+
+
+def compact_selected_pages(tables: Array, lengths: Array, page_mask: Array, page_size: int) -> tuple[Array, Array]:
+    """A block table ``[B, H, M]`` holding only the live pages that ``page_mask`` ``[B, H, M]`` selects, in
+    logical order, and its length in slots: an attention over ``0 .. length-1`` of the compacted table reads
+    exactly the selected tokens (only the last live page can be partly filled, and it stays last). Unused entries
+    point at the sink."""
+    b, h, m = tables.shape
+    j = jnp.arange(m)
+    n_pages = pages_for(lengths, page_size)[..., None]
+    sel = page_mask.astype(bool) & (j < n_pages)
+    rank = jnp.cumsum(sel.astype(jnp.int32), axis=-1) - 1  # a scatter, not a sort: this runs every layer and step
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    compact = jnp.full_like(tables, SINK_PAGE).at[bi, hi, jnp.where(sel, rank, m)].set(tables, mode="drop")
+    tokens = jnp.clip(lengths[..., None] - j * page_size, 0, page_size)
+    return compact, jnp.sum(jnp.where(sel, tokens, 0), axis=-1, dtype=jnp.int32)
+
+
+def compacted_slot(slot: Array, lengths: Array, page_mask: Array, page_size: int) -> Array:
+    """Where slot ``slot`` ``[...]`` lands in ``compact_selected_pages``' table: -1 if its page is not selected."""
+    m = page_mask.shape[-1]
+    sel = page_mask.astype(bool) & (jnp.arange(m) < pages_for(lengths, page_size)[..., None])
+    page = slot // page_size
+    before = jnp.sum(sel & (jnp.arange(m) < page[..., None]), axis=-1, dtype=jnp.int32)
+    hit = jnp.take_along_axis(sel, jnp.clip(page, 0, m - 1)[..., None], axis=-1)[..., 0] & (slot >= 0)
+    return jnp.where(hit, before * page_size + slot % page_size, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keeping the pools out of control flow, and few compiled widths
+# ---------------------------------------------------------------------------------------------------------
+
+
+def without_pools(cache: PagedCache) -> PagedCache:
+    """The cache's bookkeeping without its page pools (None in their place)."""
+    return cache.replace(k_pages=None, v_pages=None)
+
+
+def cond_without_pools(pred, fn, cache: PagedCache) -> PagedCache:
+    """``lax.cond(pred, fn, identity, cache)`` for an ``fn`` that only touches the bookkeeping (release, ...): the
+    pools stay out of the cond, because on CPU a cond that carries them makes XLA copy both (hundreds of MB) at
+    every decode step."""
+    out = jax.lax.cond(pred, fn, lambda c: c, without_pools(cache))
+    return out.replace(k_pages=cache.k_pages, v_pages=cache.v_pages)
+
+
+def bucket(n: int, cap: int) -> int:
+    """Rounds a page count up to the next of {2^k, 1.25 * 2^k, 1.5 * 2^k, 1.75 * 2^k} (at most 25% waste, few
+    distinct values, hence few compilations), capped at ``cap``."""
+    n = max(int(n), 1)
+    if n <= 4:
+        return min(n, cap)
+    p = 1 << (n.bit_length() - 1)
+    for f in (1.0, 1.25, 1.5, 1.75, 2.0):
+        v = int(math.ceil(p * f))
+        if v >= n:
+            return min(v, cap)
+    return min(2 * p, cap)

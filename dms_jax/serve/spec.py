@@ -1,0 +1,194 @@
+"""Paged KV cache state, one paged sequence per (sequence, layer, KV head): its static spec and its arrays.
+
+Memory layout (DESIGN.md section 1, "Reference cache"):
+
+* ``k_pages``, ``v_pages`` ``[pool_pages, page_size, D]``: one static pool shared by every sequence, layer and KV
+  head -- the memory budget. A page holds tokens of exactly one (sequence, layer, KV head). Page 0 is a reserved
+  *sink*: masked writes land there and unused block-table entries point at it, so every index is in range and no
+  write needs a branch. The budget given by the user (``CacheSpec.num_pages``) excludes the sink.
+* ``refcount`` ``[pool_pages]`` int32: how many block-table entries point at each page; 0 = free. Chains forked
+  from one prompt share its pages copy-on-write, so a page can have several owners; it returns to the pool when
+  the last one lets go. Allocation happens on device inside jit: the first free pages of the pool
+  (``jnp.nonzero(refcount == 0, size=...)``) are handed out in head order (``pages.allocate``).
+* ``block_tables`` ``[L, S, Hkv, M]`` and ``lengths`` ``[L, S, Hkv]``: slots ``0 .. length-1`` of a head's pages (in
+  table order) hold its live tokens, in no particular temporal order (RoPE is applied before caching).
+* the ring of the last ``R = dms.ring_size(window) = window + 1`` tokens of each head: ``ring_slot`` (where the
+  token lives) and ``ring_dec`` (its eviction decision; "pending" = keep until the next token's logit is known).
+  Token ``p`` sits at ring index ``p % R`` (``ring_positions``).
+* ``num_tokens`` ``[S]``: tokens written so far per sequence (= the position of the next token).
+
+How tokens get in and out is in ``plans.py`` (the DMS update, chunk and decode plans, DMC slots) and
+``pages.py`` (allocation, forks, releases); which tokens go is the eviction policy's choice (``policies.py``,
+``baselines.py``). All functions here are pure and jit-compatible, except the host-side checks at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dms_jax import dms
+from dms_jax.config import check_int
+from pallas_kernels.xla_blocked import SINK_PAGE  # one sink for the cache and its XLA attention (page 0)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static shape of a paged cache (hashable: a jit static argument).
+
+    num_pages: the memory budget in pages (the pool holds one more page, the sink). max_seqs: sequence slots.
+    max_pages_per_head: block-table width (pages one head may hold: ceil(max tokens / page_size)).
+    window: the delay of the ring's evictions (``dms.visible_if_marked``; the ring holds ``dms.ring_size(window)``
+    tokens), the policy's ``delay_window``. dtype: K/V storage dtype name.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_pages: int
+    page_size: int
+    max_seqs: int
+    max_pages_per_head: int
+    window: int
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        # Shapes of the arrays init_cache makes (window: the ring's), so each must be a positive integer.
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_pages", "page_size", "max_seqs",
+                     "max_pages_per_head", "window"):
+            check_int(name, getattr(self, name))
+        jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+    @property
+    def pool_pages(self) -> int:
+        return self.num_pages + 1
+
+    @property
+    def ring(self) -> int:
+        return dms.ring_size(self.window)
+
+    @property
+    def bytes_per_page(self) -> int:
+        """K and V bytes of one page."""
+        return 2 * self.page_size * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def max_tokens_per_head(self) -> int:
+        return self.max_pages_per_head * self.page_size
+
+    @classmethod
+    def create(cls, *, num_layers, num_kv_heads, head_dim, max_seqs, max_context, window, page_size=16,
+               num_pages=None, dtype="float32") -> "CacheSpec":
+        """num_pages=None: enough for every sequence to keep every token (no eviction, no sharing)."""
+        check_int("max_context", max_context)
+        check_int("page_size", page_size)
+        m = -(-int(max_context) // int(page_size))
+        if num_pages is None:
+            num_pages = num_layers * max_seqs * num_kv_heads * m
+        return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=int(num_pages),
+                   page_size=int(page_size), max_seqs=int(max_seqs), max_pages_per_head=m, window=int(window),
+                   dtype=jnp.dtype(dtype).name)
+
+
+@struct.dataclass
+class PagedCache:
+    """The cache state: a pytree of device arrays (see the module docstring for each field)."""
+
+    k_pages: Array  # [P, page_size, D]
+    v_pages: Array  # [P, page_size, D]
+    refcount: Array  # [P] int32
+    block_tables: Array  # [L, S, Hkv, M] int32
+    lengths: Array  # [L, S, Hkv] int32
+    ring_slot: Array  # [L, S, Hkv, R] int32
+    ring_dec: Array  # [L, S, Hkv, R] bool
+    num_tokens: Array  # [S] int32
+    high_water: Array  # [] int32: most pages in use at once (excluding the sink) since creation
+    # The eviction policy's own per-slot bookkeeping (``EvictionPolicy.init_state``): None for the policies that
+    # need none (vanilla, dms, fixed, streaming); else a pytree whose leaves all have leading dims [L, S] (TOVA /
+    # H2O: attention scores and positions per slot; Quest: per-page key bounds). Forks, releases and slot resizes
+    # treat it like the tables.
+    policy_state: Any = None
+
+
+def init_cache(spec: CacheSpec, policy=None) -> PagedCache:
+    """An empty cache: every page free, every table pointing at the sink (and the initial state of ``policy``, an
+    ``EvictionPolicy`` of policies.py, when given)."""
+    L, S, H, M, R = spec.num_layers, spec.max_seqs, spec.num_kv_heads, spec.max_pages_per_head, spec.ring
+    shape = (spec.pool_pages, spec.page_size, spec.head_dim)
+    return PagedCache(
+        k_pages=jnp.zeros(shape, spec.dtype),
+        v_pages=jnp.zeros(shape, spec.dtype),
+        refcount=jnp.zeros((spec.pool_pages,), jnp.int32).at[SINK_PAGE].set(1),
+        block_tables=jnp.full((L, S, H, M), SINK_PAGE, jnp.int32),
+        lengths=jnp.zeros((L, S, H), jnp.int32),
+        ring_slot=jnp.zeros((L, S, H, R), jnp.int32),
+        ring_dec=jnp.zeros((L, S, H, R), bool),
+        num_tokens=jnp.zeros((S,), jnp.int32),
+        high_water=jnp.zeros((), jnp.int32),
+        policy_state=None if policy is None else policy.init_state(spec),
+    )
+
+
+def state_rows(state: Any, fn) -> Any:
+    """Applies ``fn(leaf)`` to every leaf of a policy state (leaves are [L, S, ...]); None stays None."""
+    return None if state is None else jax.tree.map(fn, state)
+
+
+def ring_positions(num_tokens: Array, ring: int) -> Array:
+    """[S, R]: the position of the token each ring entry holds (the latest p < n with p % R == index), -1 if none."""
+    e = jnp.arange(ring)
+    n = num_tokens[:, None]
+    p = n - 1 - jnp.mod(n - 1 - e, ring)
+    return jnp.where(p >= 0, p, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side checks (tests, debugging)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_invariants(cache: PagedCache, spec: CacheSpec) -> dict:
+    """Verifies the pool bookkeeping on the host; raises AssertionError with a reason. Returns a summary.
+
+    * every page's refcount equals the number of table entries referencing it (the sink: pinned at 1);
+    * no two heads of one sequence share a page; no head references the sink below its length;
+    * lengths fit the table; the ring slots of existing tokens lie below the head's length.
+    """
+    tables = np.asarray(cache.block_tables)
+    lengths = np.asarray(cache.lengths)
+    rc = np.asarray(cache.refcount)
+    ps = spec.page_size
+    held = -(-lengths // ps)
+    assert (held <= tables.shape[-1]).all(), "a head holds more pages than its table has entries"
+    refs = np.arange(tables.shape[-1]) < held[..., None]
+    counted = np.bincount(tables[refs].reshape(-1), minlength=rc.shape[0])
+    counted[SINK_PAGE] = 1
+    assert rc[SINK_PAGE] == 1, f"sink refcount {rc[SINK_PAGE]}"
+    assert (tables[refs] != SINK_PAGE).all(), "a live table entry points at the sink"
+    bad = np.nonzero(counted != rc)[0]
+    assert bad.size == 0, f"refcount mismatch on pages {bad[:8].tolist()}: counted {counted[bad[:8]].tolist()} " \
+                          f"vs stored {rc[bad[:8]].tolist()}"
+    for s in range(tables.shape[1]):
+        pages = tables[:, s][refs[:, s]]
+        assert len(set(pages.tolist())) == pages.size, f"sequence {s} uses a page twice"
+    n = np.asarray(cache.num_tokens)
+    pos = np.asarray(ring_positions(jnp.asarray(n), spec.ring))
+    rs = np.asarray(cache.ring_slot)
+    for s in range(tables.shape[1]):
+        ok = pos[s] >= 0
+        if ok.any():
+            assert (rs[:, s][..., ok] < lengths[:, s][..., None]).all(), f"sequence {s}: ring slot beyond length"
+    used = int((rc[1:] > 0).sum())
+    return {"used_pages": used, "free_pages": int((rc == 0).sum()), "high_water": int(cache.high_water)}
+
+
+def live_counts(cache: PagedCache) -> np.ndarray:
+    """Host copy of the live tokens per (layer, sequence, KV head)."""
+    return np.asarray(cache.lengths)

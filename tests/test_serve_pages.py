@@ -1,0 +1,60 @@
+"""dms_jax.serve.pages and spec without a model: allocation hands out distinct free pages (never the sink),
+preemption choices, spec sizes, width buckets, clear errors. (Forks, releases and copy-on-write under real
+traffic: test_serve_plans.py's Driver.)"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dms_jax.serve.pages import allocate, bucket, free_pages, select_preemptions, used_pages
+from dms_jax.serve.spec import CacheSpec
+
+D = 4
+
+
+def _spec(window=3, page_size=4, seqs=3, layers=2, heads=2, context=64, num_pages=None):
+    return CacheSpec.create(num_layers=layers, num_kv_heads=heads, head_dim=D, max_seqs=seqs,
+                            max_context=context, window=window, page_size=page_size, num_pages=num_pages)
+
+
+def test_allocate_distinct_free_pages_never_the_sink():
+    rc = jnp.asarray([1, 0, 2, 0, 0, 1, 0], jnp.int32)
+    need = jnp.asarray([[True, False], [True, True]])
+    ids, rc2 = allocate(rc, need)
+    assert np.asarray(ids).tolist() == [[1, 0], [3, 4]]
+    assert np.asarray(rc2).tolist() == [1, 1, 2, 1, 1, 1, 0]
+    assert int(free_pages(rc2)) == 1 and int(used_pages(rc2)) == 5
+
+
+@pytest.mark.parametrize("need, freeable, cand, free, want", [
+    ([1, 1, 1], [0, 0, 0], [1, 1, 1], 3, [0, 0, 0]),  # fits
+    ([1, 1, 1], [0, 0, 0], [1, 1, 1], 2, [0, 0, 1]),  # drop the last one
+    ([2, 0, 1], [0, 5, 0], [1, 1, 1], 0, [0, 1, 1]),  # highest first, until it fits (3 <= 0 + 1 + 5)
+    ([2, 0, 1], [0, 5, 0], [1, 0, 1], 0, [1, 0, 1]),  # non-candidates are never chosen
+    ([0, 3, 0], [4, 0, 0], [1, 1, 1], 1, [0, 1, 0]),
+])
+def test_select_preemptions(need, freeable, cand, free, want):
+    got = select_preemptions(jnp.asarray(need), jnp.asarray(freeable), jnp.asarray(cand, bool),
+                             jnp.asarray(free))
+    assert np.asarray(got).astype(int).tolist() == want
+
+
+def test_spec_sizes_and_bucket():
+    spec = _spec(window=5, page_size=16, seqs=2, layers=3, heads=4, context=100)
+    assert spec.max_pages_per_head == 7 and spec.ring == 6 and spec.pool_pages == spec.num_pages + 1
+    assert spec.num_pages == 3 * 2 * 4 * 7 and spec.bytes_per_page == 2 * 16 * D * 4
+    assert [bucket(n, 1000) for n in (1, 4, 5, 9, 17, 33, 100, 129)] == [1, 4, 5, 10, 20, 40, 112, 160]
+    assert bucket(900, 512) == 512
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: _spec(page_size=0), "page_size must be an integer >= 1"),
+    (lambda: _spec(context=0), "max_context must be an integer >= 1"),
+    (lambda: _spec(num_pages=0), "num_pages must be an integer >= 1"),
+    (lambda: _spec(seqs=0, num_pages=8), "max_seqs must be an integer >= 1"),
+    (lambda: _spec(window=0), "window must be an integer >= 1"),
+    (lambda: CacheSpec(1, 1, 4, 8, 4, 1, 2, 1, dtype="float77"), "float77"),
+])
+def test_spec_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
