@@ -42,6 +42,9 @@ def parse_args(argv=None):
                         "outside the window), in [0, 1)")
     p.add_argument("--run-dir", default="runs/distill", help="checkpoints, metrics.jsonl, plots, export")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    p.add_argument("--warm-start", metavar="ADAPTER",
+                   help="continue an adapter-only retrofit whose checkpoints were lost, in a new --run-dir, from an "
+                        "adapter file (e.g. a milestone export) at the step it records; Adam's state starts fresh")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int)

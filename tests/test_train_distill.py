@@ -185,6 +185,42 @@ def test_library_run_then_resume_continues_the_same_metrics(assets, tmp_path):
     assert th.committed_steps(run_dir / "checkpoints" / "latest") == [4, 5]
 
 
+@pytest.mark.slow  # two tiny in-process runs and an export; ~2 min quiet
+def test_warm_start_from_a_milestone_adapter_continues_the_run(assets, tmp_path):
+    """A run whose checkpoints are lost goes on from its milestone adapter file in a new run directory: the first
+    step after the milestone sees the same weights and batch as the uninterrupted run (same loss, KL and gradient
+    norm); Adam's state restarts, which the start record says."""
+    from dms_jax import adapter
+    from dms_jax.train import distill as retrofit
+    from dms_jax.train.step import DistillConfig
+
+    def settings(run_dir, warm_start=None):
+        cfg = DistillConfig(steps=5, batch_size=2, seq_len=16, lr=1e-3, cr_final=3.0, cr_final_step=3,
+                            trainable="adapter", compute_dtype="float32", remat=False)
+        return retrofit.RetrofitSettings(
+            train_cfg=cfg, dms_cfg=DMSConfig(variant="adapter", window=4), dmc_cfg=None, mesh_sizes=(1, 1, 1),
+            run_dir=run_dir, command="test", model=str(assets["model"]), data=str(assets["data"]),
+            warm_start=warm_start, checkpoint_every=2, eval_seqs=0, export=False, progress=False)
+
+    reference = tmp_path / "reference"
+    retrofit.run_retrofit(settings(reference))
+    milestone = th.committed_steps(reference / "checkpoints" / "milestones")[0]
+    assert 0 < milestone < 4
+    file = adapter.export_adapter(reference, tmp_path / "milestone.safetensors", step=milestone,
+                                  base_model=assets["model"])
+    res = retrofit.run_retrofit(settings(tmp_path / "warm", warm_start=str(file)))
+    rows, ref_rows = th.read_metrics(tmp_path / "warm"), th.read_metrics(reference)
+    assert [r["step"] for r in rows] == list(range(milestone + 1, 6))
+    first, ref_first = rows[0], ref_rows[milestone]
+    assert first["step"] == ref_first["step"]
+    for key in ("loss", "kl", "grad_norm", "target_cr"):
+        np.testing.assert_allclose(first[key], ref_first[key], rtol=1e-5, err_msg=key)
+    assert [(s["from_step"], s["resumed"], s["optimizer_state"]) for s in res["starts"]] == [
+        (milestone, False, "fresh")]
+    with pytest.raises(retrofit.SettingsError, match="--warm-start"):
+        retrofit.run_retrofit(dataclasses.replace(settings(tmp_path / "bad", warm_start=str(file)), resume=True))
+
+
 # ----------------------------------------------------------------------------------------------- NVIDIA format
 
 QWEN3 = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

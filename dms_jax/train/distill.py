@@ -126,6 +126,7 @@ class RetrofitSettings:
     synthetic_kind: str = "recall"
     neuron_init: str = "zero"
     resume: bool = False
+    warm_start: str | None = None  # an adapter file (with the step it was saved at) to continue a lost run from
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
@@ -200,7 +201,8 @@ def settings_from_args(args, command: str) -> RetrofitSettings:
         train_cfg=train_cfg, dms_cfg=dms_cfg, dmc_cfg=dmc_cfg, mesh_sizes=mesh_sizes, run_dir=Path(args.run_dir),
         command=command, model=args.model, data=args.data, text_field=args.text_field,
         recall_fraction=args.recall_fraction, synthetic_kind=args.synthetic_kind, neuron_init=args.neuron_init,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume, warm_start=args.warm_start, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         async_checkpoint=not args.no_async_checkpoint, eval_seqs=args.eval_seqs, eval_seq_len=args.eval_seq_len,
         passkey_cases=args.passkey_cases, passkey_lengths=tuple(lengths), results=args.results,
         export=not args.no_export, progress=not args.no_progress, coordinator=args.coordinator,
@@ -266,6 +268,9 @@ def run_retrofit(s: RetrofitSettings, passkey: Callable | None = None) -> dict:
     """
     if s.passkey_cases and passkey is None:
         raise SettingsError("passkey_cases > 0 needs a passkey function")
+    if s.warm_start and (s.resume or s.dms_cfg is None or s.train_cfg.trainable != "adapter"):
+        raise SettingsError("--warm-start continues an adapter-only DMS retrofit in a new run directory: it needs "
+                            "--method dms and --trainable adapter, and excludes --resume")
     run = _open_run(s)
     _place_states(run)
     _resume_or_start(run)
@@ -322,8 +327,9 @@ def _open_run(s: RetrofitSettings) -> _Run:
         s.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model_path = weights.resolve_model_path(s.model)
-    model = weights.load_model(model_path, dms=s.dms_cfg, dmc=s.dmc_cfg,
+    model = weights.load_model(model_path, dms=s.warm_start or s.dms_cfg, dmc=s.dmc_cfg,
                                dtype=train_step.COMPUTE_DTYPES[s.train_cfg.compute_dtype])
+    start_step = _warm_start_step(s, model) if s.warm_start else 0
     tokenizer = weights.load_tokenizer(model_path)
     if s.train_cfg.seq_len > model.cfg.max_position_embeddings:
         raise SettingsError(f"--seq-len {s.train_cfg.seq_len} exceeds the model's context of "
@@ -334,7 +340,25 @@ def _open_run(s: RetrofitSettings) -> _Run:
     arch = _arch_meta(s, model.cfg)
     ckpt = _open_checkpoints(s, arch)
     return _Run(s=s, mesh=mesh, is_main=is_main, started=started, model_path=model_path, tokenizer=tokenizer,
-                dataset=dataset, arch=arch, ckpt=ckpt, model=model)
+                dataset=dataset, arch=arch, ckpt=ckpt, model=model, start_step=start_step)
+
+
+def _warm_start_step(s: RetrofitSettings, model) -> int:
+    """The step a --warm-start adapter was saved at (its provenance), after checking that it was trained with this
+    run's DMS settings. The run goes on from there with the adapter's weights and a fresh optimizer state: the way
+    back when a run's checkpoints are lost but a milestone adapter survives (data order and schedule are pure
+    functions of the step, so only Adam's moments restart)."""
+    from dms_jax.adapter import read_adapter
+
+    found = read_adapter(s.warm_start)
+    if model.dms_cfg != s.dms_cfg:
+        raise SettingsError(f"--warm-start: {s.warm_start} was trained with {model.dms_cfg}, this run has "
+                            f"{s.dms_cfg}")
+    step = found.provenance.get("step")
+    if not isinstance(step, int) or not 0 < step < s.train_cfg.steps:
+        raise SettingsError(f"--warm-start: {s.warm_start} records step {step!r}; it must be in "
+                            f"[1, --steps {s.train_cfg.steps})")
+    return step
 
 
 def _arch_meta(s: RetrofitSettings, model_cfg) -> dict:
@@ -403,7 +427,8 @@ def _resume_or_start(run: _Run) -> None:
         run.params, run.opt_state, _, run.start_step = run.ckpt.restore(
             run.params, run.opt_state, param_shardings=p_sh, opt_shardings=o_sh)
     if run.is_main:
-        records.record_start(s.run_dir / "starts.jsonl", run.start_step, s.command, resumed=s.resume)
+        records.record_start(s.run_dir / "starts.jsonl", run.start_step, s.command, resumed=s.resume,
+                             warm_start=s.warm_start)
 
 
 def _compile_step(run: _Run) -> None:
