@@ -39,6 +39,15 @@ def test_select_preemptions(need, freeable, cand, free, want):
     assert np.asarray(got).astype(int).tolist() == want
 
 
+def test_select_preemptions_by_rank():
+    """With a rank (the scheduler's arrival order) the highest rank goes first, whatever its slot."""
+    need, freeable, cand = jnp.asarray([1, 1, 1]), jnp.zeros(3, jnp.int32), jnp.ones(3, bool)
+    got = select_preemptions(need, freeable, cand, jnp.asarray(2), jnp.asarray([7, 2, 5]))
+    assert np.asarray(got).astype(int).tolist() == [1, 0, 0]
+    got = select_preemptions(need, freeable, cand, jnp.asarray(1), jnp.asarray([7, 2, 5]))
+    assert np.asarray(got).astype(int).tolist() == [1, 0, 1]
+
+
 def test_spec_sizes_and_bucket():
     spec = _spec(window=5, page_size=16, seqs=2, layers=3, heads=4, context=100)
     assert spec.max_pages_per_head == 7 and spec.ring == 6 and spec.pool_pages == spec.num_pages + 1

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dms_jax.serve.sampling import SamplingConfig, sample_next
+from dms_jax.serve.sampling import SamplingConfig, sample_next, sample_rows
 
 # A hand-made distribution over 6 tokens: probabilities 0.4, 0.3, 0.15, 0.1, 0.04, 0.01 (shuffled order).
 PROBS = np.array([0.1, 0.4, 0.01, 0.3, 0.04, 0.15])
@@ -54,6 +54,26 @@ def test_top_k_keeps_the_k_most_likely():
 def test_temperature_sharpens():
     cold = _samples(SamplingConfig(temperature=0.25))
     assert np.mean(cold == 1) > 0.7  # 0.4^4 / sum p^4 ~ 0.74
+
+
+def test_sample_rows_applies_each_rows_own_setting():
+    """One call over rows of five settings (greedy, top-p, top-k, top-k + top-p, full distribution) samples each
+    row group's own restricted distribution, as sample_next does for one setting."""
+    settings = [(0.0, 0, 1.0, [1]), (1.0, 0, 0.75, [1, 3, 5]), (1.0, 2, 1.0, [1, 3]), (1.0, 4, 0.8, [1, 3, 5]),
+                (1.0, 0, 1.0, [0, 1, 2, 3, 4, 5])]
+    n = 3000
+    temperature = np.repeat([t for t, _, _, _ in settings], n).astype(np.float32)
+    top_k = np.repeat([k for _, k, _, _ in settings], n).astype(np.int32)
+    top_p = np.repeat([p for _, _, p, _ in settings], n).astype(np.float32)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (len(temperature), len(PROBS)))
+    keys = jax.random.split(jax.random.key(3), len(temperature))
+    out = np.asarray(jax.jit(sample_rows)(logits, keys, temperature, top_k, top_p))
+    chex.assert_shape(out, (len(temperature),))
+    for g, (_, _, _, allowed) in enumerate(settings):
+        _check_frequencies(out[g * n:(g + 1) * n], allowed)
+    # Every row greedy: the argmax, without a key's influence.
+    np.testing.assert_array_equal(sample_rows(logits[:2], keys[:2], jnp.zeros(2), jnp.zeros(2, jnp.int32),
+                                              jnp.ones(2)), [1, 1])
 
 
 @pytest.mark.parametrize("kw, match", [

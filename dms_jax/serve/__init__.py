@@ -9,11 +9,14 @@ experiments):
 * ``plans.py`` -- where tokens go: decode and chunk plans, cached-slot visibility, DMC merge-or-append slots;
 * ``baselines.py`` -- TOVA, H2O, StreamingLLM and Quest as policies with a token budget;
 * ``registry.py`` -- ``make_policy`` / ``POLICIES`` (policies by name);
-* ``sampling.py`` -- ``SamplingConfig``, ``sample_next``;
+* ``sampling.py`` -- ``SamplingConfig``, ``sample_next``, ``sample_rows`` (a setting per row);
 * ``layers.py``, ``prefill.py``, ``decode.py`` -- the jitted engine internals;
 * ``results.py`` -- ``GenerationResult``, ``RequestResult``, ``RequestMetrics``, ``DecodeOutput``,
   ``PoolExhaustedError``;
 * ``engine.py`` -- ``Engine``;
+* ``requests.py``, ``scheduler.py`` -- ``Scheduler``: continuous batching of requests over one pool (arrivals at
+  any time, admission by real pages, preemption and recompute, multi-turn and prefix reuse), ``RequestError``,
+  ``TokenEvent``, ``Completion``;
 * ``reference.py`` -- the dense-cache reference generator (``generate``, ``generate_dmc``, ``left_pad``).
 
 The blocked XLA attention the engine uses on CPU lives with the kernels: ``pallas_kernels/xla_blocked.py``.
@@ -23,22 +26,28 @@ This file only re-exports the public names for users; the package's own modules 
 from dms_jax.serve.engine import Engine
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.registry import POLICIES, make_policy
+from dms_jax.serve.requests import Completion, RequestError, TokenEvent
 from dms_jax.serve.results import DecodeOutput, GenerationResult, PoolExhaustedError, RequestMetrics, RequestResult
 from dms_jax.serve.sampling import SamplingConfig, sample_next
+from dms_jax.serve.scheduler import Scheduler
 from dms_jax.serve.spec import CacheSpec, PagedCache, init_cache
 
 __all__ = [
     "POLICIES",
     "CacheSpec",
+    "Completion",
     "DecodeOutput",
     "Engine",
     "EvictionPolicy",
     "GenerationResult",
     "PagedCache",
     "PoolExhaustedError",
+    "RequestError",
     "RequestMetrics",
     "RequestResult",
     "SamplingConfig",
+    "Scheduler",
+    "TokenEvent",
     "init_cache",
     "make_policy",
     "sample_next",

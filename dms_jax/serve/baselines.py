@@ -135,6 +135,8 @@ class _ScoredPolicy(_BudgetPolicy):
     (``{"score": [L, S, H, W] f32, "pos": [L, S, H, W] int32}``, W = the budget rounded up to whole pages), a
     victim chosen from them when a head is full, an extra score pass per decode step and per prefill chunk."""
 
+    prefill_frees_any_slot: ClassVar[bool] = True
+
     def decisions(self, logits, positions, num_kv_heads):
         b, t = positions.shape
         return jnp.zeros((b, num_kv_heads, t), bool)
@@ -354,6 +356,10 @@ class TOVAPolicy(_ScoredPolicy):
         has = (n_valid > 0)[:, None, None]
         return dict(state, prompt_score=jnp.where(has, score, state["prompt_score"]))
 
+    @property
+    def reduces_whole_prompt(self) -> bool:
+        return self.prefill == "prompt"
+
     def finish_prefill(self, cache, slots, spec):
         """The paper's prompt reduction: each head keeps the ``budget`` prompt tokens with the highest weights
         under the last prompt query, compacted to slots ``0 .. budget-1``; their weights become the decode
@@ -496,6 +502,7 @@ class QuestPolicy(_BudgetPolicy):
     zeroes its rows, and a slot is always prefilled before it decodes."""
 
     name: ClassVar[str] = "quest"
+    evicts: ClassVar[bool] = False
     dense_layers: int = 2
 
     def __post_init__(self):

@@ -213,8 +213,9 @@ def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, sp
 
 
 def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, policy, width, backend, interpret,
-                 on_exhaustion, block_tokens=None):
-    """Plans the step, handles pool exhaustion, runs the forward. Returns (logits [S, V], cache, _StepInfo)."""
+                 on_exhaustion, block_tokens=None, preempt_rank=None):
+    """Plans the step, handles pool exhaustion, runs the forward. Returns (logits [S, V], cache, _StepInfo).
+    preempt_rank [S]: who goes first when the pool runs short (``pages.select_preemptions``; default the slot)."""
     ps = spec.page_size
     plan = plan_decode(cache, spec, active, policy)
     need_seq = jnp.sum(plan.need, axis=(0, 2), dtype=jnp.int32)
@@ -223,7 +224,7 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
     short = total > n_free
     freeable = jax.lax.cond(short, lambda c: exclusive_pages(c, ps), lambda c: jnp.zeros_like(need_seq),
                             without_pools(cache))
-    pre = select_preemptions(need_seq, freeable, active, n_free)
+    pre = select_preemptions(need_seq, freeable, active, n_free, preempt_rank)
     vocab = outer.embed_tokens.num_embeddings
     if on_exhaustion == "error":
         error = short
@@ -279,6 +280,12 @@ class GenState:
     error: Array  # [] bool
     err_need: Array
     err_free: Array
+
+
+def step_reads(policy, cache, live):
+    """[S] KV entries the last step's attention read: the ``live`` ones, or fewer for a policy that reads only
+    some pages (Quest)."""
+    return live if cache.policy_state is None else policy.decode_reads(cache)
 
 
 def seq_live_and_pages(cache, ps):
@@ -338,10 +345,9 @@ def decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state:
                                            on_exhaustion=on_exhaustion, block_tokens=block_tokens)
         running = st.running & ~info.preempted & ~info.error
         live, pages = seq_live_and_pages(cache, ps)
-        step_reads = live if cache.policy_state is None else policy.decode_reads(cache)  # Quest reads fewer
         st = st.replace(
             running=running, preempted=st.preempted | info.preempted,
-            reads=st.reads + jnp.where(running, step_reads, 0),
+            reads=st.reads + jnp.where(running, step_reads(policy, cache, live), 0),
             steps=st.steps + (~info.error).astype(jnp.int32),
             peak_live=jnp.maximum(st.peak_live, jnp.where(running, live, 0)),
             peak_pages=jnp.maximum(st.peak_pages, jnp.where(running, pages, 0)),

@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dms_jax.serve.spec import SINK_PAGE, PagedCache, state_rows
+from dms_jax.serve.spec import SINK_PAGE, PagedCache, ring_positions, state_rows
 
 Array = jax.Array
 
@@ -113,6 +113,39 @@ def fork(cache: PagedCache, src: Array, dst: Array, page_size: int) -> PagedCach
     )
 
 
+def prefill_writable(cache: PagedCache, slot: Array, page_size: int, anywhere: bool) -> Array:
+    """``[L, Hkv, M]`` bool: the held pages of sequence ``slot`` that a prefill chunk may write into.
+
+    A chunk appends to the last page (a DMC merge rewrites the head's last slot, also there) and reuses the slots
+    of ring tokens whose marked decisions take them out of the window; every other slot it writes is on a fresh
+    page. ``anywhere``: every held page, for policies whose prefill frees any cached slot (TOVA's chunk mode,
+    H2O)."""
+    tables, lengths = cache.block_tables[:, slot], cache.lengths[:, slot]
+    m = tables.shape[-1]
+    held = pages_for(lengths, page_size)
+    cols = jnp.arange(m)
+    if anywhere:
+        return cols < held[..., None]
+    ring = cache.ring_slot[:, slot]  # [L, H, R]
+    valid = (ring_positions(cache.num_tokens[slot][None], ring.shape[-1])[0] >= 0) & (ring < lengths[..., None])
+    ring_page = jnp.where(valid, ring // page_size, -1)
+    in_ring = jnp.any(cols[None, None, None, :] == ring_page[..., None], axis=-2)
+    return (in_ring | (cols == (held - 1)[..., None])) & (cols < held[..., None])
+
+
+def unshare(cache: PagedCache, slot: Array, writable: Array) -> PagedCache:
+    """Copy-on-write ahead of a prefill into a forked sequence ``slot``: each ``writable`` ``[L, Hkv, M]`` page
+    that is shared gets a private copy (the caller checked that enough pages are free)."""
+    tables = cache.block_tables[:, slot]
+    shared = writable & (cache.refcount[tables] > 1)
+    ids, refcount = allocate(cache.refcount, shared)
+    src = jnp.where(shared, tables, SINK_PAGE).reshape(-1)
+    k_pages, v_pages = copy_pages(cache.k_pages, cache.v_pages, src, ids.reshape(-1))
+    refcount = refcount.at[src].add(-shared.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
+    return cache.replace(k_pages=k_pages, v_pages=v_pages, refcount=refcount,
+                         block_tables=cache.block_tables.at[:, slot].set(jnp.where(shared, ids, tables)))
+
+
 def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
     """The same pool with ``max_seqs`` sequence slots: existing slots keep their index, new ones are empty.
     Dropped slots must be empty (released). Use with ``dataclasses.replace(spec, max_seqs=...)``."""
@@ -141,16 +174,18 @@ def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
     return jnp.sum(refs & (rc == 1), axis=(0, 2, 3), dtype=jnp.int32)
 
 
-def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: Array) -> Array:
+def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: Array,
+                       rank: Array | None = None) -> Array:
     """Which sequences to preempt so that the remaining page requests fit: ``[S]`` bool.
 
     need: pages each sequence asks for now; freeable: pages preempting it returns at once; candidate: may be
-    preempted. Candidates go highest slot first (the most recently admitted), and only as many as needed: the
-    shortest such prefix with ``n_free + freed >= total need - need of the preempted``. Empty when it fits.
-    When every sequence that needs a page is a candidate a solution always exists.
+    preempted. Candidates go highest ``rank`` first (default: the slot index; the scheduler passes arrival order,
+    so the newest request goes first), and only as many as needed: the shortest such prefix with
+    ``n_free + freed >= total need - need of the preempted``. Empty when it fits. When every sequence that needs a
+    page is a candidate a solution always exists.
     """
     s = need.shape[0]
-    order = jnp.arange(s - 1, -1, -1)
+    order = jnp.arange(s - 1, -1, -1) if rank is None else jnp.argsort(-rank, stable=True)
     gain_all = freeable[order] + need[order]
     c = candidate[order] & (gain_all > 0)  # preempting a sequence that neither asks nor frees helps nobody
     gain = jnp.where(c, gain_all, 0)

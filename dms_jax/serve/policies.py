@@ -78,6 +78,18 @@ class EvictionPolicy:
     name: ClassVar[str] = "base"
     # True only for DMC: tokens merge into slots instead of being evicted (the engine runs its DMC paths).
     merges: ClassVar[bool] = False
+    # False for the policies that hold every token (vanilla; Quest, which only reads fewer): a request's dense
+    # length is then what it will hold (the scheduler's admission check).
+    evicts: ClassVar[bool] = True
+    # True for the policies whose prefill may free any cached slot (TOVA's chunk mode, H2O), not only the ring's:
+    # a prefill into a forked sequence must then copy every shared page first (``pages.prefill_writable``).
+    prefill_frees_any_slot: ClassVar[bool] = False
+
+    @property
+    def reduces_whole_prompt(self) -> bool:
+        """True when ``finish_prefill`` changes the cache (TOVA's prompt mode): a prefix reduced on its own would
+        differ from the same tokens inside a longer prompt, so the scheduler does not reuse cached prefixes."""
+        return False
 
     @property
     def delay_window(self) -> int:
@@ -135,6 +147,7 @@ class VanillaPolicy(EvictionPolicy):
     """No eviction: every token stays (a dense cache, paged)."""
 
     name: ClassVar[str] = "vanilla"
+    evicts: ClassVar[bool] = False
 
     def decisions(self, logits, positions, num_kv_heads):
         b, t = positions.shape
