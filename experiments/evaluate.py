@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout-len", type=int, help="tokens per held-out sequence")
     p.add_argument("--model", help="base model: HF directory or .gguf (default: the sweep's; the embedded SmolLM2)")
     p.add_argument("--dms-model", nargs="+", default=[], metavar="PATH",
-                   help="DMS checkpoints: HF export directories (e.g. runs/distill/export)")
+                   help="DMS checkpoints: HF export directories or adapter .safetensors files (e.g. runs/distill/export)")
     p.add_argument("--dms-run", nargs="+", default=[], metavar="DIR",
                    help="distill run directories: every milestone checkpoint (one per whole CR) is a DMS point")
     p.add_argument("--dmc-model", nargs="+", default=[], metavar="PATH",

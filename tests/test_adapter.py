@@ -174,3 +174,18 @@ def test_export_refuses_a_run_that_trained_the_base_too(saved, base_dir, tmp_pat
     _milestone(model, tmp_path / "run", 40, trainable="all")
     with pytest.raises(ValueError, match="not an adapter-only DMS retrofit.*trainable 'all'"):
         adapter.export_adapter(tmp_path / "run", tmp_path / "x.safetensors", base_model=base_dir)
+
+
+def test_an_adapter_file_is_an_evaluation_point(saved, base_dir, tmp_path):
+    """experiments.evaluate --dms-model FILE.safetensors: the point carries the file's step, and its loader puts
+    the adapter on the base model."""
+    from dms_jax.eval import sweep
+
+    model, path, logits = saved
+    cid, label, info, loader = sweep.adapter_checkpoint(path, base_dir)
+    assert (label, info["step"], info["target_cr"]) == ("dms (a)", 7, None)
+    np.testing.assert_allclose(adapter.decision_logits(loader(), TOKENS), logits, atol=1e-5)
+    not_adapter = tmp_path / "b.safetensors"
+    not_adapter.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match="--dms-model"):
+        sweep.adapter_checkpoint(not_adapter, base_dir)

@@ -154,6 +154,9 @@ def dms_checkpoints(s: dict, base_model_path) -> list[tuple[str, str, dict, obje
 
     out = []
     for path in s["dms_models"]:
+        if str(path).endswith(".safetensors"):  # an adapter file on the base model (dms_jax.adapter)
+            out.append(adapter_checkpoint(path, base_model_path))
+            continue
         p = weights.resolve_model_path(path)
         cfg = weights.load_hf_config_dict(p)
         if weights.dms_config_from_hf(cfg) is None:
@@ -172,6 +175,19 @@ def dms_checkpoints(s: dict, base_model_path) -> list[tuple[str, str, dict, obje
             raise SystemExit(f"--dms-run {run}: no milestone checkpoints yet")
         out += [(cid, f"dms ({Path(run).resolve().name})", info, loader) for cid, info, loader in found]
     return out
+
+
+def adapter_checkpoint(path, base_model_path) -> tuple[str, str, dict, object]:
+    """dms_checkpoints' entry for an adapter file: its provenance gives the step and target CR."""
+    from dms_jax import adapter, weights
+
+    try:
+        prov = adapter.read_adapter(path).provenance
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dms-model {path}: {e}") from e
+    info = {"target_cr": prov.get("target_cr"), "step": prov.get("step")}
+    return (str(Path(path).resolve()), f"dms ({Path(path).stem})", info,
+            lambda: weights.load_model(base_model_path, dms=path))
 
 
 def dmc_checkpoints(s: dict) -> list[tuple[str, str, dict, object]]:
