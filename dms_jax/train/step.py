@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,18 +131,6 @@ def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
     parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
-
-
-@dataclasses.dataclass
-class TrainState:
-    """What a step changes: trainable params, optimizer state, step. `frozen` and `teacher` never change."""
-
-    graphdef: Any
-    params: Any  # nnx.State of the trainable parameters
-    frozen: Any  # nnx.State of everything else in the student
-    teacher: Any  # nnx.State of the original model (compute dtype)
-    opt_state: Any
-    step: int = 0
 
 
 def zero_decision_neurons(model: CausalLM) -> None:
