@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--recall-fraction", type=float,
                    help="fraction of training rows that are synthetic recall rows (facts asked for again far "
                         "outside the window), in [0, 1)")
+    p.add_argument("--answer-weight", type=float,
+                   help="loss weight (>= 1) of the long-range rows' question blocks, where the answers need a "
+                        "fact from outside the window (default 1: every position alike)")
     p.add_argument("--run-dir", default="runs/distill", help="checkpoints, metrics.jsonl, plots, export")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
     p.add_argument("--warm-start", metavar="ADAPTER",

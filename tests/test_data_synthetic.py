@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from dms_jax.data import corpus, dataset, synthetic
+from dms_jax.data import corpus, dataset, packing, synthetic
 from dms_jax.data.synthetic import make_longrange_rows
 
 SEQ, WINDOW = 512, 32
@@ -120,6 +120,29 @@ def test_rows_avoid_the_evaluation_wording(tokenizer, rows):
             assert phrase not in text
 
 
+def test_answer_weight_marks_the_question_block(tokenizer, docs, rows):
+    weighted = make_longrange_rows(tokenizer, docs, SEQ, 24, seed=5, window=WINDOW, answer_weight=6.0)
+    np.testing.assert_array_equal(weighted.tokens, rows.tokens)  # the weight changes no token
+    assert rows.loss_weight is None and np.all(rows.weights == 1.0)
+    assert set(np.unique(weighted.loss_weight)) == {1.0, 6.0}
+    for toks, w in zip(weighted.tokens, weighted.loss_weight):
+        first = int(np.argmax(w == 6.0))
+        assert np.all(w[first:] == 6.0) and np.all(w[:first] == 1.0)  # one weighted span, to the row's end
+        # The span starts one position before the question block (that position's logits predict its first
+        # token), and the block holds every answer: the decoded tail starts at the block's header.
+        text = tokenizer.decode(toks)
+        tail = tokenizer.decode(toks[first + 1:])
+        start = _question_block(text)
+        assert tail.lstrip().startswith(text[start:start + 20])
+        assert _answers(text, start) and all(a in tail for a in _answers(text, start))
+    # Natural rows concatenated after weighted ones keep weight 1; padding weighs 0.
+    both = packing.concat_rows(weighted, rows)
+    assert both.loss_weight.shape == both.tokens.shape
+    np.testing.assert_array_equal(both.loss_weight[len(weighted):], 1.0)
+    with pytest.raises(ValueError, match="answer_weight"):
+        make_longrange_rows(tokenizer, docs, SEQ, 2, window=WINDOW, answer_weight=0.5)
+
+
 def test_bad_arguments_name_the_parameter(tokenizer, docs):
     with pytest.raises(ValueError, match="seq_len"):
         make_longrange_rows(tokenizer, docs, 64, 2, window=WINDOW)
@@ -139,3 +162,10 @@ def test_build_dataset_mixes_longrange_rows_into_train_only(tokenizer):
     np.testing.assert_array_equal(mixed.heldout.tokens, plain.heldout.tokens)
     with pytest.raises(ValueError, match="synthetic_kind"):
         dataset.build_dataset(tokenizer, SEQ, "pydoc-topics", synthetic_kind="other")
+    weighted = dataset.build_dataset(tokenizer, SEQ, "pydoc-topics", last="drop", max_documents=80,
+                                     recall_fraction=0.5, synthetic_kind="longrange", window=WINDOW, answer_weight=4.0)
+    assert weighted.meta["answer_weight"] == 4.0 and weighted.heldout.loss_weight is None
+    w = weighted.train.loss_weight
+    assert np.all(w[:len(plain.train)] == 1.0) and np.all(w[len(plain.train):].max(axis=1) == 4.0)
+    with pytest.raises(ValueError, match="answer_weight"):
+        dataset.build_dataset(tokenizer, SEQ, "pydoc-topics", recall_fraction=0.5, answer_weight=4.0)

@@ -56,6 +56,8 @@ INVALID = [
     (["--num-processes", "2"], "--num-processes > 1 needs --coordinator"),
     (["--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1"], "--process-id must be in [0, 2)"),
     (["--compute-dtype", "float16"], "--compute-dtype: invalid choice"),
+    (["--answer-weight", "0.5"], "--answer-weight must be >= 1"),
+    (["--answer-weight", "4"], "it needs --synthetic-kind longrange"),
 ]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from dms_jax.train import losses
 
 
-def np_kl(student, teacher, valid):
+def np_kl(student, teacher, valid, weight=None):
     def log_softmax(x):
         x = x.astype(np.float64)
         m = x.max(-1, keepdims=True)
@@ -19,7 +19,8 @@ def np_kl(student, teacher, valid):
 
     ls, lt = log_softmax(student), log_softmax(teacher)
     kl = (np.exp(ls) * (ls - lt)).sum(-1)
-    return (kl * valid).sum() / max(valid.sum(), 1)
+    w = valid * (1.0 if weight is None else weight)
+    return (kl * w).sum() / max(w.sum(), 1)
 
 
 def test_kl_student_teacher_matches_numpy():
@@ -43,6 +44,22 @@ def test_kl_student_teacher_matches_numpy():
     assert got_bf16.dtype == jnp.float32
     np.testing.assert_allclose(float(got_bf16), np_kl(s.astype(jnp.bfloat16).astype(np.float32),
                                                       t.astype(jnp.bfloat16).astype(np.float32), valid), rtol=1e-5)
+
+
+def test_weighted_kl_matches_numpy():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(2, 9, 13)).astype(np.float32) * 2
+    t = rng.normal(size=(2, 9, 13)).astype(np.float32) * 2
+    valid = rng.random((2, 9)) > 0.2
+    weight = rng.uniform(1.0, 12.0, size=(2, 9)).astype(np.float32)
+    got = float(losses.kl_student_teacher(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid), jnp.asarray(weight)))
+    np.testing.assert_allclose(got, np_kl(s, t, valid, weight), rtol=1e-5)
+    assert abs(got - np_kl(s, t, valid)) > 1e-3  # the weights change the mean
+    # A weight on a padded position counts for nothing.
+    w2 = np.where(valid, weight, 1e6).astype(np.float32)
+    np.testing.assert_allclose(
+        float(losses.kl_student_teacher(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid), jnp.asarray(w2))),
+        got, rtol=1e-6)
 
 
 def test_next_token_nll_matches_numpy():

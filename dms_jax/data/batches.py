@@ -86,7 +86,8 @@ def get_batch(
     process_count: int = 1,
     shuffle: bool = True,
 ) -> dict[str, np.ndarray]:
-    """This process's batch at ``step``: ``{"tokens", "valid", "segment_ids", "indices"}`` ([B_local, ...]).
+    """This process's batch at ``step``: ``{"tokens", "valid", "loss_weight", "segment_ids", "indices"}``
+    ([B_local, ...]; ``loss_weight`` is ``PackedData.weights``).
 
     A pure function of its arguments: resuming at step k gives exactly the batch an uninterrupted run saw.
     ``"epoch"`` (float) is the number of passes over the data completed at the start of this step.
@@ -98,6 +99,7 @@ def get_batch(
     return {
         "tokens": data.tokens[idx],
         "valid": data.valid[idx],
+        "loss_weight": data.weights[idx],
         "segment_ids": data.segment_ids[idx],
         "indices": idx,
         "epoch": np.float64(step * batch_size / len(data)),

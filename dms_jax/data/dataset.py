@@ -55,6 +55,7 @@ def build_dataset(
     recall_seed: int = 0,
     synthetic_kind: str = "recall",
     window: int = 64,
+    answer_weight: float = 1.0,
 ) -> Dataset:
     """Load ``source``, split held-out documents off, tokenise and pack both splits into ``seq_len`` rows.
 
@@ -62,10 +63,14 @@ def build_dataset(
     text never reaches a training row.  ``recall_fraction`` of the training rows are synthetic:
     ``synthetic_kind="recall"`` (``make_recall_rows``, one wording) or ``"longrange"``
     (``make_longrange_rows``: facts and variable chains in many wordings, each at least
-    ``2 * window`` tokens before its question).  ``eos_id`` defaults to the tokenizer's EOS, ``pad_id`` to its pad
+    ``2 * window`` tokens before its question; ``answer_weight``: the loss weight of their question blocks).
+    ``eos_id`` defaults to the tokenizer's EOS, ``pad_id`` to its pad
     token or else EOS.
     """
     _check_dataset_args(seq_len, last, heldout_fraction, recall_fraction, synthetic_kind)
+    if answer_weight != 1.0 and synthetic_kind != "longrange":
+        raise ValueError(f"answer_weight: only synthetic_kind='longrange' marks its answers; got {answer_weight!r} "
+                         f"with {synthetic_kind!r} (use 1.0)")
     eos, pad = _eos_and_pad(tokenizer, eos_id, pad_id)
     docs = load_documents(
         source, text_field=text_field, text_split=text_split, hf_split=hf_split, hf_config=hf_config,
@@ -80,7 +85,7 @@ def build_dataset(
     if num_recall:
         # Appended after packing, so every recall row is whole; the epoch permutation mixes them in.
         rows = _synthetic_rows(tokenizer, synthetic_kind, train_docs, train_tokens, seq_len, num_recall,
-                               recall_seed, window)
+                               recall_seed, window, answer_weight)
         train = concat_rows(train, rows)
     heldout = pack_tokens(tokenize_documents(heldout_docs, tokenizer, add_bos=add_bos), seq_len,
                           eos_id=eos, pad_id=pad, last=last)
@@ -91,7 +96,8 @@ def build_dataset(
         )
     settings = {"source": os.fspath(source), "seq_len": int(seq_len), "heldout_fraction": float(heldout_fraction),
                 "split_salt": split_salt, "last": last, "recall_fraction": float(recall_fraction),
-                "synthetic_kind": synthetic_kind, "eos_id": int(eos), "pad_id": int(pad)}
+                "synthetic_kind": synthetic_kind, "answer_weight": float(answer_weight), "eos_id": int(eos),
+                "pad_id": int(pad)}
     meta = _dataset_meta(settings, docs, train_docs, heldout_docs, train, heldout, num_recall)
     return Dataset(train=train, heldout=heldout, meta=meta)
 
@@ -121,11 +127,11 @@ def _eos_and_pad(tokenizer, eos_id: int | None, pad_id: int | None) -> tuple[int
 
 
 def _synthetic_rows(tokenizer, kind: str, train_docs: Sequence[str], train_tokens: Sequence[np.ndarray],
-                    seq_len: int, n_rows: int, seed: int, window: int) -> PackedData:
+                    seq_len: int, n_rows: int, seed: int, window: int, answer_weight: float) -> PackedData:
     """``n_rows`` synthetic rows of ``kind``, their filler taken from the training documents."""
     if kind == "recall":
         return make_recall_rows(tokenizer, train_tokens, seq_len, n_rows, seed)
-    return make_longrange_rows(tokenizer, train_docs, seq_len, n_rows, seed, window)
+    return make_longrange_rows(tokenizer, train_docs, seq_len, n_rows, seed, window, answer_weight)
 
 
 def _dataset_meta(settings: dict, docs, train_docs, heldout_docs, train: PackedData, heldout: PackedData,
@@ -145,6 +151,7 @@ def _dataset_meta(settings: dict, docs, train_docs, heldout_docs, train: PackedD
         "recall_rows": num_recall,
         "recall_fraction": s["recall_fraction"],
         "synthetic_kind": s["synthetic_kind"],
+        "answer_weight": s["answer_weight"],
         "heldout_rows": len(heldout),
         "train_tokens": train.num_tokens,
         "heldout_tokens": heldout.num_tokens,

@@ -23,11 +23,15 @@ class PackedData:
                  For next-token losses, the target at position t is valid when ``valid[:, t + 1]`` is.
     segment_ids: int32 [N, seq_len] index of the document (within this split) a token comes from, -1 on
                  padding; a document's EOS carries its index. Use it for per-document attention if wanted.
+    loss_weight: float32 [N, seq_len] or None: the weight of each position's distillation loss (None: 1 on every
+                 valid position). Synthetic rows weigh the answers that need a far-away fact more
+                 (``make_longrange_rows``' ``answer_weight``); padding always weighs 0.
     """
 
     tokens: np.ndarray
     valid: np.ndarray
     segment_ids: np.ndarray
+    loss_weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -39,6 +43,12 @@ class PackedData:
     @property
     def num_tokens(self) -> int:
         return int(self.valid.sum())
+
+    @property
+    def weights(self) -> np.ndarray:
+        """float32 [N, seq_len]: ``loss_weight``, or 1 on valid positions; 0 on padding either way."""
+        ones = self.valid.astype(np.float32)
+        return ones if self.loss_weight is None else (self.loss_weight * ones).astype(np.float32)
 
 
 def pack_tokens(
@@ -94,6 +104,8 @@ def pack_tokens(
 def concat_rows(a: PackedData, b: PackedData) -> PackedData:
     """The rows of ``a`` then those of ``b``, ``b``'s document indices shifted past ``a``'s (padding stays -1)."""
     offset = int(a.segment_ids.max(initial=-1)) + 1
+    weighted = a.loss_weight is not None or b.loss_weight is not None
     return PackedData(tokens=np.concatenate([a.tokens, b.tokens]), valid=np.concatenate([a.valid, b.valid]),
                       segment_ids=np.concatenate([a.segment_ids, np.where(b.segment_ids >= 0,
-                                                                          b.segment_ids + offset, -1)]))
+                                                                          b.segment_ids + offset, -1)]),
+                      loss_weight=np.concatenate([a.weights, b.weights]) if weighted else None)

@@ -255,7 +255,8 @@ def _layout(rng, tokenizer, encode, statements, qas, chat: bool):
     return encode(before), stmt_ids, encode(f"\n{header} {first_q}" + after)
 
 
-def _row(rng, tokenizer, docs: Sequence[str], seq_len: int, window: int, encode) -> np.ndarray | None:
+def _row(rng, tokenizer, docs: Sequence[str], seq_len: int, window: int, encode):
+    """(row of ``seq_len`` ids, index of its first question-block token), or None where the pieces do not fit."""
     kind = ROW_KINDS[int(rng.integers(len(ROW_KINDS)))]
     statements, qas = _facts(rng) if kind == "facts" else _chain(rng)
     chat = bool(getattr(tokenizer, "chat_template", None)) and rng.random() < 0.5
@@ -272,19 +273,25 @@ def _row(rng, tokenizer, docs: Sequence[str], seq_len: int, window: int, encode)
         prev = cut
     pieces += [filler[prev:], suffix]
     row = np.concatenate(pieces).astype(np.int32)
-    return row if row.size == seq_len else None
+    return (row, seq_len - suffix.size) if row.size == seq_len else None
 
 
 def make_longrange_rows(tokenizer, filler_texts: Sequence[str], seq_len: int, n_rows: int, seed: int = 0,
-                        window: int = 64):
+                        window: int = 64, answer_weight: float = 1.0):
     """``n_rows`` rows of exactly ``seq_len`` tokens (see the module docstring), deterministic in ``seed``.
 
     ``filler_texts``: real training documents (strings); each row takes its filler from one of them.
+    ``answer_weight``: the loss weight of the question block's positions (``PackedData.loss_weight``; the other
+    positions weigh 1). In a 1K-token row the ~10 answer tokens are the only ones that need a statement from
+    outside the window, so at weight 1 they carry ~1% of the row's loss, and the retrofit learns mostly from
+    text that the window already serves.
     """
     if not isinstance(n_rows, (int, np.integer)) or n_rows < 0:
         raise ValueError(f"n_rows: must be an integer >= 0, got {n_rows!r}")
     if not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window: must be an integer >= 1, got {window!r}")
+    if not answer_weight >= 1.0:
+        raise ValueError(f"answer_weight: must be >= 1, got {answer_weight!r}")
     if seq_len < 4 * window + 128:
         raise ValueError(f"seq_len: long-range rows need seq_len >= 4 * window + 128 = {4 * window + 128}, "
                          f"got {seq_len}")
@@ -296,14 +303,21 @@ def make_longrange_rows(tokenizer, filler_texts: Sequence[str], seq_len: int, n_
 
     docs = [t for t in filler_texts if len(t) >= 400] or list(filler_texts)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x10A6E])
-    rows, tries = [], 0
+    rows, question_starts, tries = [], [], 0
     while len(rows) < n_rows:
         tries += 1
         if tries > 20 * n_rows + 100:
             raise ValueError(f"seq_len: could not build long-range rows of {seq_len} tokens from these documents")
-        row = _row(rng, tokenizer, docs, seq_len, window, encode)
-        if row is not None:
-            rows.append(row)
+        made = _row(rng, tokenizer, docs, seq_len, window, encode)
+        if made is not None:
+            rows.append(made[0])
+            question_starts.append(made[1])
     tokens = np.stack(rows) if rows else np.zeros((0, seq_len), np.int32)
+    weight = None
+    if answer_weight != 1.0:
+        # The logits at position t predict token t + 1: the block's first token is predicted from t = start - 1.
+        first = np.asarray(question_starts, np.int64)[:, None] - 1
+        weight = np.where(np.arange(seq_len)[None, :] >= first, np.float32(answer_weight), np.float32(1.0))
     return PackedData(tokens=tokens, valid=np.ones_like(tokens, bool),
-                      segment_ids=np.repeat(np.arange(len(rows), dtype=np.int32)[:, None], seq_len, axis=1))
+                      segment_ids=np.repeat(np.arange(len(rows), dtype=np.int32)[:, None], seq_len, axis=1),
+                      loss_weight=weight)

@@ -15,10 +15,13 @@ def token_kl(student_logits, teacher_logits):
     return jnp.sum(jnp.exp(log_ps) * (log_ps - log_pt), axis=-1)
 
 
-def kl_student_teacher(student_logits, teacher_logits, valid):
-    """Mean over valid tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t), temperature 1."""
+def kl_student_teacher(student_logits, teacher_logits, valid, weight=None):
+    """Mean over valid tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t), temperature 1; with
+    ``weight`` [B, T], the weighted mean (sum w * kl / sum w over valid tokens)."""
     kl = token_kl(student_logits, teacher_logits)
     w = valid.astype(jnp.float32)
+    if weight is not None:
+        w = w * weight.astype(jnp.float32)
     return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 

@@ -190,19 +190,20 @@ def split_model(model: CausalLM, cfg: DistillConfig):
 
 
 def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, target_fraction, remat,
-                 neuron_scale=None, cr_loss_weight=1.0):
+                 neuron_scale=None, cr_loss_weight=1.0, loss_weight=None):
     """KL + cr_loss_weight * hinge (the logged loss_cr is the unweighted hinge). neuron_scale (DMC stage one): the
-    student runs uncompressed with its borrowed neurons scaled, and the loss is the KL alone."""
+    student runs uncompressed with its borrowed neurons scaled, and the loss is the KL alone. loss_weight [B, T]
+    (None: 1) weighs each position's KL; the compression hinge counts every valid decision alike."""
     student = nnx.merge(graphdef, params, frozen)
     teacher_model = nnx.merge(graphdef, teacher)
     t_logits, _ = teacher_model(tokens, valid=valid, dms_mode="off")
     if neuron_scale is not None:
         s_logits, _ = student(tokens, valid=valid, dms_mode="off", remat=remat, borrowed_neuron_scale=neuron_scale)
-        kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
+        kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid, loss_weight)
         zero = jnp.float32(0)
         return kl, {"kl": kl, "loss_cr": zero, "eviction_fraction": zero}
     s_logits, aux = student(tokens, valid=valid, dms_mode="train", noise_key=noise_key, remat=remat)
-    kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid)
+    kl = kl_student_teacher(s_logits, jax.lax.stop_gradient(t_logits), valid, loss_weight)
     shifted = student.dmc_cfg is None  # DMS decisions are shifted to their owner tokens, DMC's are per token
     loss_cr = dms.compression_loss(aux["decisions"], valid, target_fraction, shifted)
     hard_frac = jnp.mean(dms.eviction_fraction(jax.lax.stop_gradient(aux["decisions"]), valid, shifted))
@@ -210,8 +211,8 @@ def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, ta
 
 
 def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, out_shardings=None):
-    """The jitted step: (params, frozen, teacher, opt_state, tokens [A, b, T], valid [A, b, T], step) ->
-    (params, opt_state, metrics). A = grad_accum micro-batches, summed by a scan. Inputs keep the shardings
+    """The jitted step: (params, frozen, teacher, opt_state, tokens [A, b, T], valid [A, b, T], step,
+    loss_weight [A, b, T] or None) -> (params, opt_state, metrics). A = grad_accum micro-batches, summed by a scan. Inputs keep the shardings
     they were placed with; out_shardings=(params, opt_state, metrics) pins the outputs' layout.
 
     method="dmc": two compiled steps (neuron decay, then compression), chosen by the step number, which must then
@@ -220,9 +221,9 @@ def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphd
         decay_step = _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=True)
         compress_step = _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=False)
 
-        def dmc_step(params, frozen, teacher, opt_state, tokens, valid, step: int):
+        def dmc_step(params, frozen, teacher, opt_state, tokens, valid, step: int, loss_weight=None):
             fn = decay_step if step < cfg.neuron_decay_steps else compress_step
-            return fn(params, frozen, teacher, opt_state, tokens, valid, step)
+            return fn(params, frozen, teacher, opt_state, tokens, valid, step, loss_weight)
 
         return dmc_step
     return _make_step(cfg, tx, graphdef, out_shardings, neuron_decay=False)
@@ -231,7 +232,7 @@ def make_train_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphd
 def _make_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, out_shardings, neuron_decay: bool):
     base_key = jax.random.key(cfg.seed)
 
-    def step_fn(params, frozen, teacher, opt_state, tokens, valid, step):
+    def step_fn(params, frozen, teacher, opt_state, tokens, valid, step, loss_weight=None):
         # Noise depends only on (seed, step, micro-batch): a resumed run draws the same noise.
         key = jax.random.fold_in(base_key, step)
         target = dms.target_eviction_fraction(cfg.target_cr(step))
@@ -239,10 +240,10 @@ def _make_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, o
         grad_fn = jax.value_and_grad(distill_loss, argnums=1, has_aux=True)
 
         def micro(acc, xs):
-            toks, val, i = xs
+            toks, val, weight, i = xs
             (loss, metrics), grads = grad_fn(graphdef, params, frozen, teacher, toks, val,
                                               jax.random.fold_in(key, i), target, cfg.remat, neuron_scale,
-                                              cfg.cr_loss_weight)
+                                              cfg.cr_loss_weight, weight)
             acc_grads, acc_metrics = acc
             acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
             acc_metrics = jax.tree.map(jnp.add, acc_metrics, dict(metrics, loss=loss))
@@ -251,7 +252,7 @@ def _make_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, o
         zeros = jax.tree.map(jnp.zeros_like, params)
         zero_metrics = {k: jnp.float32(0) for k in ("kl", "loss_cr", "eviction_fraction", "loss")}
         (grads, metrics), _ = jax.lax.scan(
-            micro, (zeros, zero_metrics), (tokens, valid, jnp.arange(tokens.shape[0])))
+            micro, (zeros, zero_metrics), (tokens, valid, loss_weight, jnp.arange(tokens.shape[0])))
         n = tokens.shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: v / n for k, v in metrics.items()}
@@ -269,7 +270,9 @@ def _make_step(cfg: DistillConfig, tx: optax.GradientTransformation, graphdef, o
     return jax.jit(step_fn, donate_argnums=(0, 3), **kw)
 
 
-def micro_batches(tokens: np.ndarray, valid: np.ndarray, grad_accum: int):
-    """[B, T] -> [A, B/A, T] (micro-batch major), for the scan inside the step."""
+def micro_batches(tokens: np.ndarray, valid: np.ndarray, grad_accum: int, loss_weight: np.ndarray | None = None):
+    """[B, T] -> [A, B/A, T] (micro-batch major), for the scan inside the step: (tokens, valid), and loss_weight
+    third when given."""
     b, t = tokens.shape
-    return tokens.reshape(grad_accum, b // grad_accum, t), valid.reshape(grad_accum, b // grad_accum, t)
+    split = [x.reshape(grad_accum, b // grad_accum, t) for x in (tokens, valid, loss_weight) if x is not None]
+    return tuple(split)
