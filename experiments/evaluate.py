@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="prompts per engine call")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--page-size", type=int)
+    p.add_argument("--cache-dtype", help="K/V storage of the engine: float32, bfloat16, float16 or int8 (a scale per "
+                                         "token per head); default the model's dtype. Points get their own series")
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill call (TOVA / H2O apply their rule "
                                                      "once per chunk)")
     p.add_argument("--chains", type=int, help="hyperscale sweeps: sampled chains per case (the largest W)")

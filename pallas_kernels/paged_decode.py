@@ -7,7 +7,8 @@ Interface (the engine's paged cache is built against it; keep it stable)::
 
     q:            [B, Hkv, G, D]      the G query heads that share each KV head (bf16 / f16 / f32)
     k_pages:      [num_pages, page_size, D]   one static pool shared by all sequences, layers and KV heads;
-    v_pages:      [num_pages, page_size, D]   a page holds tokens of exactly one (sequence, layer, KV head)
+    v_pages:      [num_pages, page_size, D]   a page holds tokens of exactly one (sequence, layer, KV head);
+                  an int8 pool has rows of D + 4 (values, then their scale: kv_codec), read by "xla" only
     block_tables: [B, Hkv, max_pages] int32   physical page ids in logical order; entries past the used
                                               pages are arbitrary but must be in range
     lengths:      [B, Hkv] int32              live slots: slots 0..length-1 of the head's pages (in block-table
@@ -55,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._common import cdiv, next_pow2, resolve_backend, resolve_interpret, tpu_interpret_arg
+from .kv_codec import decode_rows, is_quantized, row_width
 
 __all__ = [
     "paged_decode_attention",
@@ -71,8 +73,9 @@ def _check_shapes(q, k_pages, v_pages, block_tables, lengths, page_mask):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Hkv, G, D], got {q.shape}")
     B, H, G, D = q.shape
-    if k_pages.shape != v_pages.shape or k_pages.ndim != 3 or k_pages.shape[-1] != D:
-        raise ValueError(f"k_pages/v_pages must be [num_pages, page_size, {D}], got {k_pages.shape}, {v_pages.shape}")
+    rw = row_width(D, k_pages.dtype)  # int8 pools store a scale after each row (kv_codec)
+    if k_pages.shape != v_pages.shape or k_pages.ndim != 3 or k_pages.shape[-1] != rw:
+        raise ValueError(f"k_pages/v_pages must be [num_pages, page_size, {rw}], got {k_pages.shape}, {v_pages.shape}")
     if block_tables.ndim != 3 or block_tables.shape[:2] != (B, H):
         raise ValueError(f"block_tables must be [{B}, {H}, max_pages], got {block_tables.shape}")
     if lengths.shape != (B, H):
@@ -107,8 +110,8 @@ def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths,
     max_pages = block_tables.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     n = max_pages * page_size
-    k = k_pages[block_tables].reshape(B, H, n, D).astype(jnp.float32)
-    v = v_pages[block_tables].reshape(B, H, n, D).astype(jnp.float32)
+    k = decode_rows(k_pages[block_tables]).reshape(B, H, n, D)
+    v = decode_rows(v_pages[block_tables]).reshape(B, H, n, D)
     valid = jnp.arange(n)[None, None, :] < lengths[..., None]
     if page_mask is not None:
         valid = valid & jnp.repeat(page_mask.astype(bool), page_size, axis=-1)
@@ -455,6 +458,9 @@ def paged_decode_attention(
     interpret: None = interpret mode iff the backend's hardware is absent; True forces interpret mode.
     """
     backend = resolve_backend(backend)
+    if is_quantized(k_pages.dtype) and backend != "xla":
+        raise ValueError(f"an int8 K/V pool is read by the XLA paths only (backend 'xla', or the engine's "
+                         f"'xla_blocked'); the Pallas kernels do not dequantise yet, got backend={backend!r}")
     if backend == "xla":
         return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale,
                                                 page_mask=page_mask)

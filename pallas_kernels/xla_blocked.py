@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_codec import decode_rows, is_quantized, round_trip
+
 SINK_PAGE = 0  # never allocated by the serving cache: padded table entries and masked writes land here
 
 BLOCK_TOKENS = 512  # cached tokens per block of the prefill's blocked attention (its queries make blocks big)
@@ -58,7 +60,8 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
     has several users and XLA copies the whole pool (hundreds of MB) to let the write happen in place.
     """
     b, h, g, nq, d = q.shape
-    ps = k_pages.shape[1]
+    ps, rw = k_pages.shape[1], k_pages.shape[2]  # rw: stored row width (kv_codec: D, or D + 4 for int8)
+    quantized = is_quantized(k_pages.dtype)
     bp = bp or block_pages(ps)
     t = bp * ps
 
@@ -69,8 +72,10 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
         idx = jax.lax.dynamic_slice_in_dim(tables, i * bp, bp, axis=2)
         # Gather pages as rows of a [pages, page_size * D] view: on CPU this is several times faster than
         # gathering [page_size, D] slices of the 3-D pool (the view is free).
-        k = k_pages.reshape(n_pages, ps * d)[idx].reshape(b, h, t, d)
-        v = v_pages.reshape(n_pages, ps * d)[idx].reshape(b, h, t, d)
+        k = k_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, t, rw)
+        v = v_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, t, rw)
+        if quantized:  # int8 rows with their scales -> f32 values, fused with the gather
+            k, v = decode_rows(k), decode_rows(v)
         if nq == 1:
             # Decode (a handful of query rows): multiply-and-reduce, which XLA fuses with the page gathers, so the
             # gathered K / V block is never written out; 1.3-1.4x faster than two einsums on CPU (SmolLM2 shapes).
@@ -124,7 +129,8 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     b, h, g, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ps = k_pages.shape[1]
-    bp = block_pages(ps, block_tokens or _decode_block_tokens(b * h, d, jnp.dtype(k_pages.dtype).itemsize))
+    bp = block_pages(ps, block_tokens or _decode_block_tokens(b * h, k_pages.shape[-1],
+                                                              jnp.dtype(k_pages.dtype).itemsize))
     bp = min(bp, max(1, block_tables.shape[-1]))  # never more than the table holds
     tables = pad_tables(block_tables, bp)
     t = bp * ps
@@ -132,8 +138,8 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     if new_kv is None:
         carry = (jnp.full((b, h, g, 1), -jnp.inf, jnp.float32), jnp.zeros((b, h, g, 1), jnp.float32),
                  jnp.zeros((b, h, g, 1, d), jnp.float32))
-    else:  # the incoming token opens the online softmax (rounded to the pool's dtype, as if read from it)
-        k_new, v_new = (a.astype(k_pages.dtype).astype(jnp.float32) for a in new_kv)
+    else:  # the incoming token opens the online softmax (rounded to the pool's format, as if read from it)
+        k_new, v_new = (round_trip(a, k_pages.dtype) for a in new_kv)
         s_new = jnp.einsum("bhgd,bhd->bhg", q.astype(jnp.float32), k_new)[..., None] * scale
         carry = (s_new, jnp.ones((b, h, g, 1), jnp.float32),
                  jnp.broadcast_to(v_new[:, :, None, None, :], (b, h, g, 1, d)))

@@ -86,6 +86,20 @@ def test_heldout_task_and_a_new_ratio_is_added(tmp_path):
     assert res["runs"][-1]["points"] == 1
 
 
+def test_int8_cache_points_are_their_own_series(tmp_path):
+    """--cache-dtype int8: the same held-out point on an int8 K/V cache is added beside the float one (its own
+    identity and series), with a KL to vanilla that is small but not zero."""
+    out = tmp_path / "p.json"
+    argv = ["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot", "--tasks", "heldout",
+            "--methods", "vanilla"]
+    evaluate.main(argv)
+    res = evaluate.main(argv + ["--cache-dtype", "int8"])
+    by = {p["series"]: p for p in res["points"]}
+    assert set(by) == {"vanilla", "vanilla [int8 KV]"}
+    assert by["vanilla [int8 KV]"]["settings"]["cache_dtype"] == "int8" and "cache_dtype" not in by["vanilla"]["settings"]
+    assert 0 < by["vanilla [int8 KV]"]["kl_to_vanilla"] < 0.05
+
+
 def test_dmc_export_is_evaluated_and_a_non_dmc_export_is_refused(tmp_path):
     from dms_jax import weights
 
@@ -137,6 +151,7 @@ def test_wording_errors(argv, match, capsys, tmp_path):
     (["--ratios", "0.5"], "must be >= 1"),
     (["--depths", "1.5"], "must be in"),
     (["--cases", "0"], "must be >= 1"),
+    (["--cache-dtype", "int4"], "--cache-dtype must be one of"),
 ])
 def test_argument_errors(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit):

@@ -66,16 +66,17 @@ def prompts():
     return [list(map(int, rng.integers(3, 97, size=n))) for n in (13, 29, 6)]
 
 
-def _hard_forward(model, seqs):
-    """Full-sequence hard-mode reference: logits [B, T, V] and owner decisions [L, B, H, T] (right-padded)."""
+def _hard_forward(model, seqs, dms_mode="hard"):
+    """Full-sequence hard-mode reference: logits [B, T, V] and owner decisions [L, B, H, T] (right-padded);
+    dms_mode="off": the vanilla forward."""
     t = max(len(s) for s in seqs)
     tokens = np.zeros((len(seqs), t), np.int32)
     valid = np.zeros((len(seqs), t), bool)
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
         valid[i, :len(s)] = True
-    logits, aux = model(jnp.asarray(tokens), valid=jnp.asarray(valid), dms_mode="hard")
-    return np.asarray(logits), np.asarray(aux["decisions"])
+    logits, aux = model(jnp.asarray(tokens), valid=jnp.asarray(valid), dms_mode=dms_mode)
+    return np.asarray(logits), np.asarray(aux["decisions"]) if dms_mode != "off" else None
 
 
 def _live_count(dec, t, window):

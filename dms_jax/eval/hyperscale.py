@@ -79,6 +79,8 @@ def hyperscale_settings(job: Job, s: dict) -> dict:
          "sample_seed": s["sample_seed"]}
     if job.task == "passkey":
         d["depths"] = list(s["depths"])
+    if s.get("cache_dtype"):
+        d["cache_dtype"] = s["cache_dtype"]
     return d
 
 

@@ -89,6 +89,7 @@ def settings_from_args(args) -> dict:
     for name in ("cases", "heldout_seqs", "heldout_len", "batch", "max_new_tokens", "page_size", "prefill_chunk"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
+    s["cache_dtype"] = args.cache_dtype
     s["depths"] = _csv(args.depths, float) if args.depths else list(PASSKEY_DEPTHS)
     try:
         s["wordings"] = resolve_wordings(args.wordings or s.get("wordings", "default"), s["tasks"], s["cases"])
@@ -132,6 +133,10 @@ def check_settings(s: dict) -> None:
     for name in ("cases", "heldout_seqs", "batch", "max_new_tokens", "page_size", "prefill_chunk"):
         if s[name] < 1:
             raise SettingsError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    from dms_jax.serve.engine import CACHE_DTYPES
+
+    if s.get("cache_dtype") not in (None,) + CACHE_DTYPES:
+        raise SettingsError(f"--cache-dtype must be one of {','.join(CACHE_DTYPES)}, got {s['cache_dtype']!r}")
     if s["heldout_len"] < 2 or any(n < 16 for n in s["lengths"]):
         raise SettingsError("--heldout-len must be >= 2 and --lengths >= 16")
 

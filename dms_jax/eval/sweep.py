@@ -241,6 +241,8 @@ class Job:
                 d["wordings"] = list(families)
         if self.method == "streaming":
             d["sinks"] = 4
+        if s.get("cache_dtype"):  # points of the model's own cache dtype keep their old identity
+            d["cache_dtype"] = s["cache_dtype"]
         return d
 
 
@@ -266,6 +268,9 @@ def plan_jobs(s: dict, dms_ckpts, dmc_ckpts=()) -> list[Job]:
                 else:
                     for r in s["ratios"]:
                         jobs.append(Job(m, task, length, float(r), series=m))
+    if s.get("cache_dtype"):  # another K/V storage is another curve
+        for j in jobs:
+            j.series = f"{j.series} [{s['cache_dtype']} KV]"
     return jobs
 
 
@@ -300,7 +305,8 @@ class Runner:
             raise SystemExit(f"{job.checkpoint}: not a DMS model")
         if job.method == "dmc" and model.dmc_cfg is None:
             raise SystemExit(f"{job.checkpoint}: not a DMC model")
-        return Engine(model, job.method, page_size=self.s["page_size"], prefill_chunk=prefill_chunk, **kw)
+        return Engine(model, job.method, page_size=self.s["page_size"], prefill_chunk=prefill_chunk,
+                      cache_dtype=self.s.get("cache_dtype"), **kw)
 
     def cases(self, task, length):
         """The point's cases: ``cases`` split evenly over the task's wording families, family by family."""
@@ -428,7 +434,8 @@ class Runner:
             lg, r, live = self._prefill(eng, row)
             a, b = _token_stats(jnp.asarray(lg[:-1]), jnp.asarray(ref[:-1], jnp.float32), jnp.asarray(row[1:]))
             nll += float(a)
-            kl += 0.0 if job.method == "vanilla" else float(b)
+            # Vanilla on the reference's own cache is the reference (its KL would only measure the float16 copy).
+            kl += 0.0 if job.method == "vanilla" and not self.s.get("cache_dtype") else float(b)
             n += len(row) - 1
             reads.append(r)
             peak.append(live)

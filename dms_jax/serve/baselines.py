@@ -65,10 +65,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dms_jax.config import check_int
-from dms_jax.serve.pages import pages_for, write_kv
+from dms_jax.serve.pages import pages_for, write_rows
 from dms_jax.serve.plans import plan_chunk_explicit
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.spec import SINK_PAGE, CacheSpec, PagedCache
+from pallas_kernels.kv_codec import decode_rows
 
 Array = jax.Array
 _BIG = float(np.finfo(np.float32).max) / 4  # "no key yet" bound of a page; finite, so 0 * bound is 0, not NaN
@@ -83,11 +84,13 @@ def budget_for_ratio(context_tokens: int, ratio: float) -> int:
 
 
 def gather_keys(k_pages: Array, block_tables: Array, width_pages: int) -> Array:
-    """``[B, H, width_pages * page_size, D]``: the keys in the first ``width_pages`` table entries of each head."""
-    n_pages, ps, d = k_pages.shape
+    """``[B, H, width_pages * page_size, D]`` f32: the keys in the first ``width_pages`` table entries of each
+    head (an int8 pool's rows dequantised)."""
+    n_pages, ps, rw = k_pages.shape
     b, h = block_tables.shape[:2]
     idx = block_tables[..., :width_pages]
-    return k_pages.reshape(n_pages, ps * d)[idx].reshape(b, h, width_pages * ps, d)
+    rows = k_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, width_pages * ps, rw)
+    return decode_rows(rows)
 
 
 def group_probs(scores: Array, valid: Array) -> Array:
@@ -185,7 +188,7 @@ class _ScoredPolicy(_BudgetPolicy):
         w = score.shape[-1]
         ps, d = k_pages.shape[1], q.shape[-1]
         wp = min(w // ps, block_tables.shape[-1])
-        keys = gather_keys(k_pages, block_tables, wp).astype(jnp.float32)  # [S, H, wp * ps, D]
+        keys = gather_keys(k_pages, block_tables, wp)  # [S, H, wp * ps, D]
         s = jnp.einsum("shgd,shtd->shgt", q.astype(jnp.float32), keys) / math.sqrt(d)
         live = jnp.arange(wp * ps)[None, None, None, :] < lengths[:, :, None, None]
         probs = group_probs(s, live)  # [S, H, wp * ps]
@@ -204,7 +207,7 @@ class _ScoredPolicy(_BudgetPolicy):
         w = score.shape[-1]
         wp = w // page_size
         qg = jnp.transpose(q.reshape(b, c, hkv, g, d), (0, 2, 3, 1, 4)).astype(jnp.float32)  # [B, H, G, C, D]
-        keys = gather_keys(k_pages, block_tables, wp).astype(jnp.float32)  # [B, H, W, D]
+        keys = gather_keys(k_pages, block_tables, wp)  # [B, H, W, D]
         s_cached = jnp.einsum("bhgqd,bhtd->bhgqt", qg, keys)
         s_chunk = jnp.einsum("bhgqd,bkhd->bhgqk", qg, k.astype(jnp.float32))
         live = jnp.arange(w)[None, None, :] < lengths[..., None]  # [B, H, W]
@@ -262,8 +265,8 @@ def _compact_heads(cache: PagedCache, slots: Array, src: Array, valid: Array, pa
     v = cache.v_pages[src_page, src % page_size]
     dst = jnp.broadcast_to(jnp.arange(w), src.shape)
     dst_page = jnp.where(valid, jnp.take_along_axis(tables, dst // page_size, axis=-1), SINK_PAGE)
-    k_pages, v_pages = write_kv(cache.k_pages, cache.v_pages, dst_page, jnp.where(valid, dst % page_size, 0),
-                                k, v)
+    k_pages, v_pages = write_rows(cache.k_pages, cache.v_pages, dst_page, jnp.where(valid, dst % page_size, 0),
+                                  k, v)
     old_len = cache.lengths[:, slots]
     new_len = jnp.sum(valid, axis=-1, dtype=jnp.int32)
     j = jnp.arange(tables.shape[-1])
@@ -342,7 +345,7 @@ class TOVAPolicy(_ScoredPolicy):
         t = state["prompt_score"].shape[-1]
         last = jnp.maximum(n_valid - 1, 0)[:, None, None, None]
         q_last = jnp.take_along_axis(q, last, axis=1)[:, 0].reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-        keys = gather_keys(k_pages, block_tables, t // page_size).astype(jnp.float32)  # [B, H, T, D]
+        keys = gather_keys(k_pages, block_tables, t // page_size)  # [B, H, T, D]
         s = jnp.concatenate([jnp.einsum("bhgd,bhtd->bhgt", q_last, keys),
                              jnp.einsum("bhgd,bchd->bhgc", q_last, k.astype(jnp.float32))], axis=-1)
         in_chunk = jnp.arange(c)[None, :] < n_valid[:, None]  # [B, C]: the last query sees the whole chunk

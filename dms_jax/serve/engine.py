@@ -59,8 +59,11 @@ from dms_jax.serve.results import DecodeOutput, GenerationResult, PoolExhaustedE
 from dms_jax.serve.sampling import SamplingConfig
 from dms_jax.serve.spec import CacheSpec, PagedCache, init_cache
 from pallas_kernels._common import BACKENDS, resolve_backend
+from pallas_kernels.kv_codec import is_quantized
 
 ON_EXHAUSTION = ("preempt", "error")
+# K/V storage: a float dtype, or int8 rows with a float32 scale each (pallas_kernels.kv_codec).
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ATTENTION_BACKENDS = ("auto", "xla_blocked") + tuple(b for b in BACKENDS if b != "auto")
 
 
@@ -115,8 +118,10 @@ class Engine:
     prefill_chunk: prompt tokens per prefill call. attention_backend: "auto" | "xla_blocked" | "xla" |
     "pallas_tpu" | "pallas_gpu"; interpret: Pallas interpret mode (None: when the hardware is absent).
     on_exhaustion: "preempt" | "error". segment_steps: decode steps per compiled loop call. cache_dtype: K/V
-    storage (default: the model's compute dtype). attention_block_tokens: cached tokens per block of the blocked
-    XLA attention (default: 512 in prefill, ~0.5 MB of K+V (at least 256 tokens) per block in decode).
+    storage, one of CACHE_DTYPES (default: the model's compute dtype; "int8": per-token, per-head scaled rows,
+    ``pallas_kernels.kv_codec``, with any policy, on the XLA attention paths). attention_block_tokens: cached
+    tokens per block of the blocked XLA attention (default: 512 in prefill, ~0.5 MB of K+V (at least 256 tokens)
+    per block in decode).
 
     The model's weights are captured at construction (layers stacked for the scan, plus a transposed copy of a tied
     embedding); build a new Engine after changing them.
@@ -160,6 +165,12 @@ class Engine:
         self.segment_steps = int(segment_steps)
         self.block_tokens = attention_block_tokens
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype).name
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if is_quantized(self.cache_dtype) and self.backend not in ("xla_blocked", "xla"):
+            raise ValueError(f"cache_dtype='int8' needs attention_backend 'xla_blocked' or 'xla' (the Pallas kernels "
+                             f"do not dequantise yet), got attention_backend={attention_backend!r} "
+                             f"(resolved: {self.backend!r})")
         (self._layer_gd, self._layer_params, self._layer_list, self._outer_gd,
          self._outer_params) = split_model(model)
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dms_jax.serve.spec import SINK_PAGE, PagedCache, ring_positions, state_rows
+from pallas_kernels.kv_codec import encode_rows
 
 Array = jax.Array
 
@@ -206,11 +207,17 @@ def note_high_water(cache: PagedCache) -> PagedCache:
 
 
 def write_kv(k_pages: Array, v_pages: Array, page: Array, offset: Array, k: Array, v: Array):
-    """Scatters one token per head: page/offset ``[...]``, k/v ``[..., D]``."""
-    d = k.shape[-1]
+    """Scatters one token per head: page/offset ``[...]``, k/v ``[..., D]`` values (stored in the pool's format:
+    ``kv_codec.encode_rows``)."""
+    return write_rows(k_pages, v_pages, page, offset, encode_rows(k, k_pages.dtype), encode_rows(v, v_pages.dtype))
+
+
+def write_rows(k_pages: Array, v_pages: Array, page: Array, offset: Array, k_rows: Array, v_rows: Array):
+    """``write_kv`` for rows already in the pool's format ``[..., row_width]`` (a move within the pool)."""
+    rw = k_pages.shape[-1]
     page, offset = page.reshape(-1), offset.reshape(-1)
-    k_pages = k_pages.at[page, offset].set(k.reshape(-1, d).astype(k_pages.dtype))
-    v_pages = v_pages.at[page, offset].set(v.reshape(-1, d).astype(v_pages.dtype))
+    k_pages = k_pages.at[page, offset].set(k_rows.reshape(-1, rw))
+    v_pages = v_pages.at[page, offset].set(v_rows.reshape(-1, rw))
     return k_pages, v_pages
 
 

@@ -244,7 +244,8 @@ class DMCPolicy(EvictionPolicy):
 
     def init_state(self, spec: CacheSpec) -> Any:
         L, S, H, W, D = spec.num_layers, spec.max_seqs, spec.num_kv_heads, self.accumulation_window, spec.head_dim
-        return {"win_k": jnp.zeros((L, S, H, W, D), spec.dtype), "win_v": jnp.zeros((L, S, H, W, D), spec.dtype),
+        win = jnp.zeros((L, S, H, W, D), spec.state_dtype)
+        return {"win_k": win, "win_v": win,
                 "win_w": jnp.zeros((L, S, H, W), jnp.float32), "seg_len": jnp.zeros((L, S, H), jnp.int32)}
 
     def describe(self) -> dict:

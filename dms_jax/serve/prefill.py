@@ -218,7 +218,7 @@ def _dmc_prefill_layer(p, cfg, refcount, tables, lengths, ring_slot, ring_dec, w
     ps, hkv = spec.page_size, spec.num_kv_heads
     c = positions.shape[1]
     merge = policy.decisions(p.decision_logits, positions, hkv) & qvalid[:, None, :]  # [B, H, C]
-    k_states, v_states = dmc_chunk_states(win, n, p.k_unrotated, p.v, p.importance, merge, spec.dtype)
+    k_states, v_states = dmc_chunk_states(win, n, p.k_unrotated, p.v, p.importance, merge, spec.state_dtype)
     cos, sin = rope_cos_sin(cfg, positions)
     k_states = dmc.scale_borrowed_neurons(apply_rope(k_states, cos, sin), 0.0)
     kk = jnp.arange(c)

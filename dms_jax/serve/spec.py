@@ -2,7 +2,8 @@
 
 Memory layout (DESIGN.md section 1, "Reference cache"):
 
-* ``k_pages``, ``v_pages`` ``[pool_pages, page_size, D]``: one static pool shared by every sequence, layer and KV
+* ``k_pages``, ``v_pages`` ``[pool_pages, page_size, row_width]`` (row_width = D, or D + 4 for an int8 pool whose
+  rows carry their scale: ``pallas_kernels.kv_codec``): one static pool shared by every sequence, layer and KV
   head -- the memory budget. A page holds tokens of exactly one (sequence, layer, KV head). Page 0 is a reserved
   *sink*: masked writes land there and unused block-table entries point at it, so every index is in range and no
   write needs a branch. The budget given by the user (``CacheSpec.num_pages``) excludes the sink.
@@ -34,6 +35,7 @@ from flax import struct
 
 from dms_jax import dms
 from dms_jax.config import check_int
+from pallas_kernels.kv_codec import is_quantized, row_width
 from pallas_kernels.xla_blocked import SINK_PAGE  # one sink for the cache and its XLA attention (page 0)
 
 Array = jax.Array
@@ -46,7 +48,8 @@ class CacheSpec:
     num_pages: the memory budget in pages (the pool holds one more page, the sink). max_seqs: sequence slots.
     max_pages_per_head: block-table width (pages one head may hold: ceil(max tokens / page_size)).
     window: the delay of the ring's evictions (``dms.visible_if_marked``; the ring holds ``dms.ring_size(window)``
-    tokens), the policy's ``delay_window``. dtype: K/V storage dtype name.
+    tokens), the policy's ``delay_window``. dtype: K/V storage dtype name ("int8": quantised rows with a scale
+    each, ``pallas_kernels.kv_codec``).
     """
 
     num_layers: int
@@ -75,9 +78,25 @@ class CacheSpec:
         return dms.ring_size(self.window)
 
     @property
+    def row_width(self) -> int:
+        """Entries of one stored (token, KV head) row: head_dim, plus its scale for an int8 pool (kv_codec)."""
+        return row_width(self.head_dim, self.dtype)
+
+    @property
+    def state_dtype(self) -> str:
+        """Dtype of float side state kept beside the pool (DMC's accumulation window): the pool's, or float32 for
+        an int8 pool (the window accumulates; only pool rows are quantised)."""
+        return "float32" if is_quantized(self.dtype) else self.dtype
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """K and V bytes of one live (token, layer, KV head) entry."""
+        return 2 * self.row_width * jnp.dtype(self.dtype).itemsize
+
+    @property
     def bytes_per_page(self) -> int:
         """K and V bytes of one page."""
-        return 2 * self.page_size * self.head_dim * jnp.dtype(self.dtype).itemsize
+        return self.page_size * self.bytes_per_entry
 
     @property
     def max_tokens_per_head(self) -> int:
@@ -121,7 +140,7 @@ def init_cache(spec: CacheSpec, policy=None) -> PagedCache:
     """An empty cache: every page free, every table pointing at the sink (and the initial state of ``policy``, an
     ``EvictionPolicy`` of policies.py, when given)."""
     L, S, H, M, R = spec.num_layers, spec.max_seqs, spec.num_kv_heads, spec.max_pages_per_head, spec.ring
-    shape = (spec.pool_pages, spec.page_size, spec.head_dim)
+    shape = (spec.pool_pages, spec.page_size, spec.row_width)
     return PagedCache(
         k_pages=jnp.zeros(shape, spec.dtype),
         v_pages=jnp.zeros(shape, spec.dtype),
