@@ -80,7 +80,7 @@ def _time_call(fn, args, iters, warmup=2):
     return float(np.median(times))
 
 
-def main(argv=None):
+def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=None, help="full context lengths (tokens)")
     p.add_argument("--crs", type=float, nargs="+", default=[1.0, 8.0], help="compression ratios")
@@ -95,75 +95,87 @@ def main(argv=None):
                    help="backends to time (default: the Pallas kernel of the platform and xla; xla on CPU)")
     p.add_argument("--out", default="docs/results/decode_kernel.json")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _setup(args) -> dict:
+    """The benchmark's sizes: full size on a TPU / GPU, small on the CPU, unless the flags say otherwise."""
     plat = default_platform()
-    dev = jax.devices()[0]
     on_hw = plat in ("tpu", "gpu")
-    kind = getattr(dev, "device_kind", plat)
-    peak = peak_bandwidth_gbps(kind) if on_hw else None
-    B = args.batch or (8 if on_hw else 2)
-    H = args.kv_heads or (8 if on_hw else 2)
-    G, D = args.group, args.head_dim
-    contexts = args.contexts or ([1024, 4096, 8192] if on_hw else [256, 1024])
-    page_size = args.page_size or (64 if plat == "tpu" else 16)
-    iters = args.iters or (50 if on_hw else 5)
-    backends = args.backends or ({"tpu": ["pallas_tpu", "xla"], "gpu": ["pallas_gpu", "xla"]}.get(plat, ["xla"]))
-    dtype = jnp.dtype(args.dtype)
-    rng = np.random.default_rng(args.seed)
+    kind = getattr(jax.devices()[0], "device_kind", plat)
+    return dict(
+        plat=plat, on_hw=on_hw, kind=kind, peak=peak_bandwidth_gbps(kind) if on_hw else None,
+        B=args.batch or (8 if on_hw else 2), H=args.kv_heads or (8 if on_hw else 2), G=args.group, D=args.head_dim,
+        contexts=args.contexts or ([1024, 4096, 8192] if on_hw else [256, 1024]),
+        page_size=args.page_size or (64 if plat == "tpu" else 16), iters=args.iters or (50 if on_hw else 5),
+        backends=args.backends or ({"tpu": ["pallas_tpu", "xla"], "gpu": ["pallas_gpu", "xla"]}.get(plat, ["xla"])),
+        dtype=jnp.dtype(args.dtype))
 
+
+def _time_backends(c: dict, context, cr, q, k_pages, v_pages, tables, rng) -> list[dict]:
+    """One (context, CR) point: every backend timed and checked against the XLA reference; one row printed each."""
+    page_size, D, dtype, on_hw, peak = c["page_size"], c["D"], c["dtype"], c["on_hw"], c["peak"]
+    lengths_np = _lengths(rng, c["B"], c["H"], context, cr, page_size)
+    lengths = jnp.asarray(lengths_np)
+    kv_bytes = live_kv_bytes(lengths_np, page_size, D, dtype.itemsize)
+    table_bytes = k_pages.shape[0] * page_size * D * dtype.itemsize * 2
+    reference = np.asarray(paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend="xla"), np.float32)
     runs = []
-    print(f"device: {plat} / {kind}; peak HBM bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown'}")
+    for backend in c["backends"]:
+        fn = jax.jit(lambda q, kp, vp, bt, ln, backend=backend: paged_decode_attention(
+            q, kp, vp, bt, ln, backend=backend))
+        t = _time_call(fn, (q, k_pages, v_pages, tables, lengths), c["iters"])
+        out = np.asarray(fn(q, k_pages, v_pages, tables, lengths), np.float32)
+        err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
+        # The XLA reference gathers every page of the table; the kernels read only live pages.
+        read = table_bytes if backend == "xla" else kv_bytes
+        gbps = read / t / 1e9
+        frac = (gbps / peak) if (on_hw and peak) else None
+        run = dict(context=context, cr=cr, backend=backend, mean_live_length=float(lengths_np.mean()),
+                   time_us=t * 1e6, max_rel_err_vs_xla=err, kv_bytes_live=kv_bytes, kv_bytes_read_model=read,
+                   achieved_gbps=gbps if on_hw else None, peak_gbps=peak,
+                   bandwidth_fraction=frac, needs_hardware=not on_hw,
+                   interpret_mode=(not on_hw) and backend != "xla")
+        if on_hw and peak is None:
+            run["note"] = f"peak bandwidth of device kind {c['kind']!r} unknown: add it to PEAK_GBPS"
+        runs.append(run)
+        pct = f"{100 * frac:6.1f}%" if frac is not None else ("  n/a " if on_hw else "needs HW")
+        gb = f"{gbps:8.1f}" if on_hw else "     n/a"
+        print(f"{context:>6} {cr:>4g} {lengths_np.mean():>9.0f} {backend:>11} {t * 1e6:>10.1f} "
+              f"{kv_bytes / 1e6:>11.2f} {gb} {pct:>7}")
+    return runs
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    c = _setup(args)
+    B, H, G, D, page_size, dtype, on_hw = c["B"], c["H"], c["G"], c["D"], c["page_size"], c["dtype"], c["on_hw"]
+    rng = np.random.default_rng(args.seed)
+    runs = []
+    peak = c["peak"]
+    print(f"device: {c['plat']} / {c['kind']}; peak HBM bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown'}")
     print(f"B={B} Hkv={H} G={G} D={D} page_size={page_size} dtype={dtype.name}")
     hdr = f"{'ctx':>6} {'CR':>4} {'mean_len':>9} {'backend':>11} {'time_us':>10} {'kv_MB_live':>11} " \
           f"{'GB/s':>8} {'%peak':>7}"
     print(hdr)
     print("-" * len(hdr))
-    for context in contexts:
+    for context in c["contexts"]:
         max_pages = -(-context // page_size)
         num_pages = B * H * max_pages
-        key = jax.random.PRNGKey(args.seed)
-        kq, kk, kv = jax.random.split(key, 3)
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(args.seed), 3)
         k_pages = jax.random.normal(kk, (num_pages, page_size, D), dtype)
         v_pages = jax.random.normal(kv, (num_pages, page_size, D), dtype)
         q = jax.random.normal(kq, (B, H, G, D), dtype)
         tables = jnp.asarray(rng.permutation(num_pages).reshape(B, H, max_pages), jnp.int32)
         for cr in args.crs:
-            lengths_np = _lengths(rng, B, H, context, cr, page_size)
-            lengths = jnp.asarray(lengths_np)
-            kv_bytes = live_kv_bytes(lengths_np, page_size, D, dtype.itemsize)
-            table_bytes = num_pages * page_size * D * dtype.itemsize * 2
-            reference = np.asarray(paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend="xla"),
-                                   np.float32)
-            for backend in backends:
-                fn = jax.jit(lambda q, kp, vp, bt, ln, backend=backend: paged_decode_attention(
-                    q, kp, vp, bt, ln, backend=backend))
-                t = _time_call(fn, (q, k_pages, v_pages, tables, lengths), iters)
-                out = np.asarray(fn(q, k_pages, v_pages, tables, lengths), np.float32)
-                err = float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
-                # The XLA reference gathers every page of the table; the kernels read only live pages.
-                read = table_bytes if backend == "xla" else kv_bytes
-                gbps = read / t / 1e9
-                frac = (gbps / peak) if (on_hw and peak) else None
-                run = dict(context=context, cr=cr, backend=backend, mean_live_length=float(lengths_np.mean()),
-                           time_us=t * 1e6, max_rel_err_vs_xla=err, kv_bytes_live=kv_bytes, kv_bytes_read_model=read,
-                           achieved_gbps=gbps if on_hw else None, peak_gbps=peak,
-                           bandwidth_fraction=frac, needs_hardware=not on_hw,
-                           interpret_mode=(not on_hw) and backend != "xla")
-                if on_hw and peak is None:
-                    run["note"] = f"peak bandwidth of device kind {kind!r} unknown: add it to PEAK_GBPS"
-                runs.append(run)
-                pct = f"{100 * frac:6.1f}%" if frac is not None else ("  n/a " if on_hw else "needs HW")
-                gb = f"{gbps:8.1f}" if on_hw else "     n/a"
-                print(f"{context:>6} {cr:>4g} {lengths_np.mean():>9.0f} {backend:>11} {t * 1e6:>10.1f} "
-                      f"{kv_bytes / 1e6:>11.2f} {gb} {pct:>7}")
+            runs += _time_backends(c, context, cr, q, k_pages, v_pages, tables, rng)
 
     result = dict(
         command=command_line("python benchmarks/bench_decode_kernel.py", argv or None),
         date=utc_now(),
         machine=machine_description(),
         config=dict(batch=B, kv_heads=H, group=G, head_dim=D, page_size=page_size, dtype=dtype.name,
-                    iters=iters, contexts=contexts, crs=args.crs,
+                    iters=c["iters"], contexts=c["contexts"], crs=args.crs,
                     lengths="CR 1: every head = context; CR > 1: per head context/CR * U(0.5, 1.5) "
                             "normalised to mean 1, clipped to [1, context]"),
         needs_hardware=not on_hw,
