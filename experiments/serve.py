@@ -39,6 +39,8 @@ def parse_args(argv=None):
     pool.add_argument("--budget-pages", type=_positive_int, help="KV pool size in pages")
     pool.add_argument("--budget-mb", type=float, help="KV pool size in MiB")
     p.add_argument("--page-size", type=_positive_int, default=16)
+    p.add_argument("--cache-dtype", help="K/V storage: float32, bfloat16, float16 or int8 (a scale per token per "
+                                         "head; about 4x less memory per entry than float32); default the model's")
     p.add_argument("--prefill-chunk", type=_positive_int, default=256)
     p.add_argument("--prefill-batch", type=_positive_int, default=2)
     p.add_argument("--segment-steps", type=_positive_int, default=8, help="decode steps between token deliveries")
@@ -57,7 +59,8 @@ def build(args):
     adapter = args.adapter or (SHIPPED_ADAPTER if args.policy == "dms" and args.model is None else None)
     model = weights.load_model(args.model, dms=adapter)
     policy_kw = {} if args.budget is None else {"budget": args.budget}
-    engine = Engine(model, args.policy, page_size=args.page_size, prefill_chunk=args.prefill_chunk, **policy_kw)
+    engine = Engine(model, args.policy, page_size=args.page_size, prefill_chunk=args.prefill_chunk,
+                    cache_dtype=args.cache_dtype, **policy_kw)
     budget = args.budget_pages
     if args.budget_mb is not None:
         probe = engine.make_spec(1, args.page_size, 1)
