@@ -17,6 +17,7 @@ experiments):
 * ``requests.py``, ``scheduler.py`` -- ``Scheduler``: continuous batching of requests over one pool (arrivals at
   any time, admission by real pages, preemption and recompute, multi-turn and prefix reuse), ``RequestError``,
   ``TokenEvent``, ``Completion``;
+* ``replicas.py`` -- ``ReplicatedEngine``: data-parallel replicas, one engine (weights and pool) per device;
 * ``reference.py`` -- the dense-cache reference generator (``generate``, ``generate_dmc``, ``left_pad``).
 
 The blocked XLA attention the engine uses on CPU lives with the kernels: ``pallas_kernels/xla_blocked.py``.
@@ -26,6 +27,7 @@ This file only re-exports the public names for users; the package's own modules 
 from dms_jax.serve.engine import Engine
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.registry import POLICIES, make_policy
+from dms_jax.serve.replicas import ReplicatedEngine, ReplicatedGeneration
 from dms_jax.serve.requests import Completion, RequestError, TokenEvent
 from dms_jax.serve.results import DecodeOutput, GenerationResult, PoolExhaustedError, RequestMetrics, RequestResult
 from dms_jax.serve.sampling import SamplingConfig, sample_next
@@ -41,6 +43,8 @@ __all__ = [
     "EvictionPolicy",
     "GenerationResult",
     "PagedCache",
+    "ReplicatedEngine",
+    "ReplicatedGeneration",
     "PoolExhaustedError",
     "RequestError",
     "RequestMetrics",
