@@ -49,7 +49,7 @@ def decode_rows(rows, dtype=jnp.float32):
     """Stored rows ``[..., row_width]`` back as values ``[..., D]`` in ``dtype`` (a plain pool: a cast)."""
     if not is_quantized(rows.dtype):
         return rows.astype(dtype)
-    d = rows.shape[-1] - SCALE_BYTES
+    d = head_dim_of(rows)
     scale = jax.lax.bitcast_convert_type(rows[..., d:], jnp.float32)  # [...]
     return (rows[..., :d].astype(jnp.float32) * scale[..., None]).astype(dtype)
 

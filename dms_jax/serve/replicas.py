@@ -53,8 +53,7 @@ class ReplicatedEngine:
         if not prompts:
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
         n = len(self.engines)
-        owner = [i % n for i in range(len(prompts))]
-        mine = [[i for i in range(len(prompts)) if owner[i] == r] for r in range(n)]
+        mine = [list(range(r, len(prompts), n)) for r in range(n)]  # replica r: prompts r, r + n, ...
 
         def run(r):
             if not mine[r]:
@@ -66,8 +65,8 @@ class ReplicatedEngine:
             results = list(pool.map(run, range(n)))
         requests = []
         for i in range(len(prompts)):
-            r = owner[i]
-            local = mine[r].index(i)
-            for req in results[r].requests[local * chains:(local + 1) * chains]:
+            local = i // n  # prompt i is the (i // n)-th of replica i % n
+            for req in results[i % n].requests[local * chains:(local + 1) * chains]:
                 requests.append(dataclasses.replace(req, prompt_index=i))
-        return ReplicatedGeneration(requests=requests, replicas=results, replica_of_prompt=owner)
+        return ReplicatedGeneration(requests=requests, replicas=results,
+                                    replica_of_prompt=[i % n for i in range(len(prompts))])
