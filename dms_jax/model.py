@@ -100,13 +100,19 @@ def attend(q, k, v, bias):
     Scores and softmax in float32.
     """
     b, t, hq, d = q.shape
+    probs = attention_probs(q, k, bias)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def attention_probs(q, k, bias):
+    """Attention weights [B, Hkv, G, T, S] (float32) of the grouped query heads: head g of KV group h is query
+    head h * G + g."""
+    b, t, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = scores + bias[:, :, None]
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    return jax.nn.softmax(scores + bias[:, :, None], axis=-1)
 
 
 def causal_bias(q_pos, k_pos, k_valid):
@@ -171,8 +177,7 @@ class Attention(nnx.Module):
                 # The borrowed neuron must not also act as a query feature.
                 q = dms.zero_reused_neuron(q, cfg.num_kv_heads)
             else:
-                proj = self.dms_proj_alpha(self.dms_proj_alpha_norm(x_residual))
-                logits = dms.adapter_decision_logits(proj, dcfg.alpha_scale, dcfg.alpha_offset)
+                logits = self.adapter_logits(x_residual)
             logits = logits.astype(jnp.float32)
         cos, sin = rope_cos_sin(cfg, positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -180,6 +185,11 @@ class Attention(nnx.Module):
             # Rotate-half RoPE moves the zeroed element's partner into d-1: zero it again.
             q = dms.zero_reused_neuron(q, cfg.num_kv_heads)
         return Projected(q, k, v, logits)
+
+    def adapter_logits(self, x_residual):
+        """Decision logits [B, Hkv, T] of the adapter variant, computed at each position (before the shift)."""
+        proj = self.dms_proj_alpha(self.dms_proj_alpha_norm(x_residual))
+        return dms.adapter_decision_logits(proj, self.dms_cfg.alpha_scale, self.dms_cfg.alpha_offset)
 
     def _project_dmc(self, q, k, v, positions, dmc_on: bool, neuron_scale):
         """DMC on: merge logits from k[..., d-1] and importance from q[..., d-1] (read before RoPE), then element d-1

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--warm-start", metavar="ADAPTER",
                    help="continue an adapter-only retrofit whose checkpoints were lost, in a new --run-dir, from an "
                         "adapter file (e.g. a milestone export) at the step it records; Adam's state starts fresh")
+    p.add_argument("--init-adapter", metavar="ADAPTER",
+                   help="start an adapter-variant DMS retrofit at step 0 from an adapter file (e.g. one fitted to the "
+                        "original model's attention by experiments.fit_adapter) instead of the zero adapter")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int)

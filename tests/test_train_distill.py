@@ -223,6 +223,40 @@ def test_warm_start_from_a_milestone_adapter_continues_the_run(assets, tmp_path)
         retrofit.run_retrofit(dataclasses.replace(settings(tmp_path / "bad", warm_start=str(file)), resume=True))
 
 
+def test_init_adapter_starts_a_fresh_run_from_the_file(assets, tmp_path):
+    """--init-adapter: step 0 of this run's schedule, with the file's adapter (not the zero one): the first step's
+    eviction fraction is the file's hard decisions', where a zero adapter evicts nothing; a file made with
+    another DMSConfig is refused before any compute."""
+    from dms_jax.train import distill as retrofit
+    from dms_jax.train.step import DistillConfig
+
+    base = weights.load_model(str(assets["model"]), dms=DMSConfig(variant="adapter", window=4))
+    for layer in base.layers:  # an adapter that marks about half of the tokens
+        w = layer.self_attn.dms_proj_alpha.kernel
+        w[...] = jax.random.normal(jax.random.key(1), w[...].shape) * 0.5
+    from dms_jax import adapter
+
+    file = adapter.save_adapter(base, tmp_path / "init.safetensors", {"step": 0})
+
+    def settings(run_dir, init=None, window=4):
+        cfg = DistillConfig(steps=1, batch_size=2, seq_len=16, lr=1e-3, cr_final=3.0, cr_final_step=1,
+                            trainable="adapter", compute_dtype="float32", remat=False)
+        return retrofit.RetrofitSettings(
+            train_cfg=cfg, dms_cfg=DMSConfig(variant="adapter", window=window), dmc_cfg=None, mesh_sizes=(1, 1, 1),
+            run_dir=run_dir, command="test", model=str(assets["model"]), data=str(assets["data"]),
+            init_adapter=init, checkpoint_every=1, eval_seqs=0, export=False, progress=False)
+
+    res = retrofit.run_retrofit(settings(tmp_path / "init", str(file)))
+    zero = retrofit.run_retrofit(settings(tmp_path / "zero"))
+    first, first_zero = th.read_metrics(tmp_path / "init")[0], th.read_metrics(tmp_path / "zero")[0]
+    assert first["step"] == first_zero["step"] == 1
+    # Logistic noise takes a zero adapter's -5 logits over 0 about 0.7% of the time.
+    assert first_zero["eviction_fraction"] < 0.03 and first["eviction_fraction"] > 0.1
+    assert res["starts"][0]["init_adapter"] == str(file) and res["starts"][0]["from_step"] == 0
+    with pytest.raises(retrofit.SettingsError, match="--init-adapter"):
+        retrofit.run_retrofit(settings(tmp_path / "bad", str(file), window=6))
+
+
 # ----------------------------------------------------------------------------------------------- NVIDIA format
 
 QWEN3 = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

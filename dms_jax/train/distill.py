@@ -136,6 +136,7 @@ class RetrofitSettings:
     neuron_init: str = "zero"
     resume: bool = False
     warm_start: str | None = None  # an adapter file (with the step it was saved at) to continue a lost run from
+    init_adapter: str | None = None  # an adapter file to start from at step 0 (e.g. experiments.fit_adapter's)
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
@@ -216,7 +217,8 @@ def settings_from_args(args, command: str) -> RetrofitSettings:
         command=command, model=args.model, data=args.data, text_field=args.text_field,
         recall_fraction=args.recall_fraction, synthetic_kind=args.synthetic_kind, answer_weight=args.answer_weight,
         neuron_init=args.neuron_init,
-        resume=args.resume, warm_start=args.warm_start, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, warm_start=args.warm_start, init_adapter=args.init_adapter,
+        checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         async_checkpoint=not args.no_async_checkpoint, eval_seqs=args.eval_seqs, eval_seq_len=args.eval_seq_len,
         passkey_cases=args.passkey_cases, passkey_lengths=tuple(lengths), results=args.results,
@@ -286,6 +288,9 @@ def run_retrofit(s: RetrofitSettings, passkey: Callable | None = None) -> dict:
     if s.warm_start and (s.resume or s.dms_cfg is None or s.train_cfg.trainable != "adapter"):
         raise SettingsError("--warm-start continues an adapter-only DMS retrofit in a new run directory: it needs "
                             "--method dms and --trainable adapter, and excludes --resume")
+    if s.init_adapter and (s.warm_start or s.dms_cfg is None or s.dms_cfg.variant != "adapter"):
+        raise SettingsError("--init-adapter starts a DMS retrofit of variant 'adapter' from an adapter file: it "
+                            "needs --method dms and --variant adapter, and excludes --warm-start")
     run = _open_run(s)
     _place_states(run)
     _resume_or_start(run)
@@ -342,8 +347,11 @@ def _open_run(s: RetrofitSettings) -> _Run:
         s.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model_path = weights.resolve_model_path(s.model)
-    model = weights.load_model(model_path, dms=s.warm_start or s.dms_cfg, dmc=s.dmc_cfg,
+    model = weights.load_model(model_path, dms=s.warm_start or s.init_adapter or s.dms_cfg, dmc=s.dmc_cfg,
                                dtype=train_step.COMPUTE_DTYPES[s.train_cfg.compute_dtype])
+    if s.init_adapter and model.dms_cfg != s.dms_cfg:
+        raise SettingsError(f"--init-adapter: {s.init_adapter} was made with {model.dms_cfg}, this run has "
+                            f"{s.dms_cfg}")
     start_step = _warm_start_step(s, model) if s.warm_start else 0
     tokenizer = weights.load_tokenizer(model_path)
     if s.train_cfg.seq_len > model.cfg.max_position_embeddings:
@@ -444,7 +452,7 @@ def _resume_or_start(run: _Run) -> None:
             run.params, run.opt_state, param_shardings=p_sh, opt_shardings=o_sh)
     if run.is_main:
         records.record_start(s.run_dir / "starts.jsonl", run.start_step, s.command, resumed=s.resume,
-                             warm_start=s.warm_start)
+                             warm_start=s.warm_start, init_adapter=s.init_adapter)
 
 
 def _compile_step(run: _Run) -> None:

@@ -11,15 +11,19 @@ from dms_jax.provenance import utc_now
 __all__ = ["record_start", "read_starts", "reset_metrics", "append_metrics", "plot_metrics", "write_results"]
 
 
-def record_start(path: Path, step: int, command: str, resumed: bool, warm_start: str | None = None) -> None:
+def record_start(path: Path, step: int, command: str, resumed: bool, warm_start: str | None = None,
+                 init_adapter: str | None = None) -> None:
     """Appends one line per start of the run (the first one, then every --resume): when, from which step, how
-    (``warm_start``: the adapter file a fresh run directory continued from, with a fresh optimizer state).
+    (``warm_start``: the adapter file a fresh run directory continued from, with a fresh optimizer state;
+    ``init_adapter``: the adapter file a fresh run started from at step 0).
     A fresh start clears the file; the results JSON lists them all as "starts"."""
     if not resumed and path.exists():
         path.unlink()
     row = {"date": utc_now(), "from_step": int(step), "resumed": bool(resumed), "command": command}
     if warm_start:
         row.update(warm_start=str(warm_start), optimizer_state="fresh")
+    if init_adapter:
+        row.update(init_adapter=str(init_adapter))
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
