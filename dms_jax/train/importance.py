@@ -131,13 +131,15 @@ def _check_model(model: CausalLM) -> None:
 
 
 def fit_adapter(model: CausalLM, tokens: np.ndarray, valid: np.ndarray, cfg: FitConfig,
-                on_step: Callable[[int, dict], None] | None = None, start_step: int = 0) -> CausalLM:
+                on_step: Callable[[int, dict], None] | None = None, start_step: int = 0,
+                labels_fn: Callable | None = None) -> CausalLM:
     """Fits the adapter of ``model`` in place (base frozen) on rows ``tokens`` / ``valid`` [N, T] and returns it.
 
     Rows are drawn without replacement per epoch from a permutation seeded by ``cfg.seed``; ``on_step(step,
     metrics)`` is called after each batch (metrics: loss, label_evict (the labelled fraction, ~evict_fraction),
     predicted_evict, agreement, keep_recall, seconds). ``start_step`` continues a fit whose adapter ``model`` already holds
-    (fresh Adam moments).
+    (fresh Adam moments). ``labels_fn(read, labelled, valid) -> (labels, mask)`` replaces the read-weight labels
+    (:func:`evict_labels`), e.g. with ``dms_jax.train.heads.head_labels``.
     """
     _check_model(model)
     n = tokens.shape[0]
@@ -150,7 +152,10 @@ def fit_adapter(model: CausalLM, tokens: np.ndarray, valid: np.ndarray, cfg: Fit
     @nnx.jit
     def labels_of(model, tok, val):
         residuals, read, labelled = teacher_reads(model, tok, val, window)
-        labels, mask = evict_labels(read, labelled, cfg.evict_fraction)
+        if labels_fn is None:
+            labels, mask = evict_labels(read, labelled, cfg.evict_fraction)
+        else:
+            labels, mask = labels_fn(read, labelled, val)
         return jax.lax.stop_gradient(residuals), labels, mask
 
     @nnx.jit
