@@ -1,13 +1,17 @@
 """Fit a DMS decision adapter to the original model's attention, then calibrate it to target compression ratios.
 
     python -m experiments.fit_adapter --run-dir RUN --steps 300 --cache-ratio 4 --cache-ratio 8
+    python -m experiments.fit_adapter --run-dir RUN --labels heads --keep-heads 17 --steps 60
     python -m experiments.fit_adapter --run-dir RUN --steps 300 --resume     # continue a killed fit
 
-Each (layer, KV head, token) is labelled with the largest attention weight a query more than --window positions
-later gives it in the original model; the adapter learns to mark the lowest --evict-fraction of them
-(dms_jax.train.importance). The run directory gets metrics.jsonl, starts.jsonl, adapter_latest.safetensors
-(every --save-every batches) and, at the end, adapter_cr<R>.safetensors per --cache-ratio (alpha_offset set so
-that held-out rows of --seq-len tokens compress R times, whole cache) and results.json. The files load with
+--labels reads: each (layer, KV head, token) is labelled with the largest attention weight a query more than
+--window positions later gives it in the original model; the adapter learns to mark the lowest --evict-fraction
+of them (dms_jax.train.importance), and adapter_cr<R>.safetensors per --cache-ratio sets the threshold so that
+held-out rows of --seq-len tokens compress R times (whole cache).
+--labels heads: the --keep-heads KV heads whose marking costs the most distillation loss on long-range rows keep
+every token, the others mark all but their first --sink (dms_jax.train.heads): adapter_heads<K>.safetensors.
+The run directory also gets metrics.jsonl, starts.jsonl, adapter_latest.safetensors (every --save-every batches)
+and results.json (dms_jax.train.fit_run). The files load with
 `weights.load_model(dms=FILE)`, `experiments.evaluate --dms-model FILE`, or continue as a DMS distillation
 with `experiments.distill --warm-start FILE`.
 """
@@ -37,7 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--cache-ratio", type=float, action="append", dest="cache_ratios",
                    help="write an adapter calibrated to this whole-cache compression (repeatable; default 4)")
-    p.add_argument("--calibration-rows", type=int, default=8)
+    p.add_argument("--calibration-rows", type=int, default=8, help="held-out rows the ratios are measured on")
+    p.add_argument("--labels", choices=("reads", "heads"), default="reads")
+    p.add_argument("--keep-heads", type=int, default=18, help="--labels heads: heads that keep every token")
+    p.add_argument("--sink", type=int, default=4, help="--labels heads: first tokens every head keeps")
+    p.add_argument("--damage-rows", type=int, default=4, help="--labels heads: long-range rows to measure on")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -46,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from dms_jax.provenance import command_line
-    from dms_jax.train.importance import FitConfig, FitRun, run_fit
+    from dms_jax.train.fit_run import FitRun, run_fit
+    from dms_jax.train.importance import FitConfig
 
     try:
         fit = FitConfig(steps=args.steps, batch_size=args.batch_size, inner_steps=args.inner_steps,
@@ -54,13 +63,14 @@ def main(argv=None) -> dict:
         run = FitRun(fit=fit, run_dir=args.run_dir, command=command_line("python -m experiments.fit_adapter", argv),
                      model=args.model, data=args.data, seq_len=args.seq_len, window=args.window,
                      recall_fraction=args.recall_fraction, save_every=args.save_every, resume=args.resume,
-                     cache_ratios=tuple(args.cache_ratios or (4.0,)), calibration_rows=args.calibration_rows)
+                     cache_ratios=tuple(args.cache_ratios or (4.0,)), calibration_rows=args.calibration_rows,
+                     labels=args.labels, keep_heads=args.keep_heads, sink=args.sink, damage_rows=args.damage_rows)
         results = run_fit(run, progress=not args.no_progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    for ratio, c in results["calibrated"].items():
-        print(f"CR {ratio}: alpha_offset {c['alpha_offset']:.3f} -> measured {c['cache_ratio']:.2f} ({c['file']})")
+    for name, f in results["files"].items():
+        print(f"{name}: whole-cache compression {f['cache_ratio']:.2f} on {results['heldout_rows']} ({f['file']})")
     return results
 
 

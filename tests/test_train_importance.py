@@ -1,15 +1,11 @@
 """The adapter fitted to the teacher's attention (dms_jax.train.importance): labels against numpy and transformers'
-own attention weights, the fit, the calibration against a numpy count of live entries, and a whole resumable run."""
+own attention weights, the fit, the calibration against a numpy count of live entries."""
 
 from __future__ import annotations
 
-import json
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import make_tiny_llama_dir, write_text_jsonl
 
 from dms_jax import weights
 from dms_jax.config import DMSConfig
@@ -146,37 +142,3 @@ def _plain_model():
     cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8)
     return create_model(cfg, DMSConfig(variant="neuron", window=2))
-
-
-def test_run_fit_resumes_and_writes_calibrated_adapters(tmp_path):
-    model_dir = make_tiny_llama_dir(tmp_path / "tiny")
-    data = write_text_jsonl(tmp_path / "text.jsonl", n_docs=60)
-    fit = imp.FitConfig(steps=4, batch_size=2, inner_steps=2, evict_fraction=0.7, lr=1e-2)
-    run = imp.FitRun(fit=fit, run_dir=tmp_path / "run", command="test", model=str(model_dir), data=str(data),
-                     seq_len=64, window=4, recall_fraction=0.0, save_every=2, cache_ratios=(1.5, 2.0),
-                     calibration_rows=2)
-    imp.run_fit(run, progress=False)
-    with pytest.raises(ValueError, match="run_dir"):
-        imp.run_fit(run, progress=False)
-    longer = imp.FitRun(**{**run.__dict__, "fit": imp.FitConfig(**{**fit.__dict__, "steps": 6}), "resume": True})
-    results = imp.run_fit(longer, progress=False)
-
-    def make_rows(model):
-        from dms_jax.data.dataset import build_dataset
-
-        held = build_dataset(weights.load_tokenizer(str(model_dir)), 64, str(data), last="drop").heldout
-        return held.tokens[:2], held.valid[:2]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    starts = [json.loads(line)["step"] for line in (tmp_path / "run" / "starts.jsonl").read_text().splitlines()]
-    assert starts == [0, 4]
-    for ratio in ("1.5", "2"):
-        c = results["calibrated"][ratio]
-        loaded = weights.load_model(str(model_dir), dms=c["file"])
-        # The calibrated threshold is folded into the weights: the file keeps the run's DMSConfig.
-        assert loaded.dms_cfg == DMSConfig(variant="adapter", window=4)
-        rows = make_rows(loaded)
-        assert imp.adapter_cache_ratio(loaded, *rows, loaded.dms_cfg.alpha_offset) == pytest.approx(
-            c["cache_ratio"], rel=1e-5)
-        assert abs(c["cache_ratio"] - float(ratio)) < 0.15 * float(ratio)
-    jax.clear_caches()

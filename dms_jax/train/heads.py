@@ -12,7 +12,6 @@ labels for the adapter fit (``dms_jax.train.importance.fit_adapter``).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -17,7 +17,7 @@ compression ratio: :func:`calibrate_offset` finds the offset that gives a target
 held-out rows. A DMS distillation can then continue from the fitted adapter (``experiments.distill
 --warm-start``).
 
-    fit = fit_adapter(model, rows, FitConfig(...))   # model: built with an adapter DMSConfig, base frozen
+    fit_adapter(model, tokens, valid, FitConfig(...))   # model: built with an adapter DMSConfig, base frozen
     offset = calibrate_offset(model, heldout_rows, target_cache_ratio=4.0)
 
 Everything is a pure function of arrays except the loop, which is deterministic in its seed.
@@ -26,7 +26,6 @@ Everything is a pure function of arrays except the loop, which is deterministic 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,12 +37,11 @@ import optax
 from flax import nnx
 
 from dms_jax import dms
-from dms_jax.config import DMSConfig
 from dms_jax.model import CausalLM, attention_probs, causal_bias
 from dms_jax.train.step import trainable_filter
 
 __all__ = ["FitConfig", "future_read_weight", "teacher_reads", "evict_labels", "fit_loss", "fit_adapter",
-           "adapter_cache_ratio", "calibrate_offset"]
+           "adapter_cache_ratio", "calibrate_offset", "save_fitted"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,52 +243,7 @@ def calibrate_offset(model: CausalLM, tokens, valid, target_cache_ratio: float, 
     return closest[1]
 
 
-
-# ----------------------------------------------------------------------------------------------- a whole fit
-
-
-@dataclasses.dataclass(frozen=True)
-class FitRun:
-    """A fit as the CLI runs it (``experiments.fit_adapter``): data, where its files go, what to calibrate."""
-
-    fit: FitConfig
-    run_dir: Path
-    command: str
-    model: str | None = None  # safetensors dir or .gguf; None: the embedded default
-    data: str = "default"
-    seq_len: int = 1024
-    window: int = 64
-    recall_fraction: float = 0.5  # long-range rows (dms_jax.data.synthetic) among the training rows
-    save_every: int = 25
-    resume: bool = False
-    cache_ratios: tuple[float, ...] = (4.0,)  # calibrated adapter files written at the end
-    calibration_rows: int = 8  # held-out rows of seq_len tokens
-
-
-def _load(run: FitRun):
-    """(model, start_step): the base with a fresh adapter, or with the run's saved one when resuming."""
-    from dms_jax import weights
-    from dms_jax.adapter import read_adapter
-
-    latest = run.run_dir / "adapter_latest.safetensors"
-    if not run.resume:
-        if latest.exists():
-            raise ValueError(f"run_dir: {run.run_dir} already holds a fit; pass --resume or another --run-dir")
-        return weights.load_model(run.model, dms=DMSConfig(variant="adapter", window=run.window)), 0
-    if not latest.exists():
-        raise ValueError(f"--resume: no {latest.name} in {run.run_dir}")
-    saved = read_adapter(latest)
-    if saved.dms_config.window != run.window:
-        raise ValueError(f"--resume: the run fitted window {saved.dms_config.window}, not --window {run.window}")
-    return weights.load_model(run.model, dms=latest), int(saved.provenance["step"])
-
-
-def _append_json(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _save(model: CausalLM, path: Path, provenance: dict, offset: float | None = None) -> Path:
+def save_fitted(model: CausalLM, path: Path, provenance: dict, offset: float | None = None) -> Path:
     """The adapter, written atomically; thresholded at ``offset`` instead of ``alpha_offset`` when given.
 
     A positive ``offset`` is folded into the weights: ``s * Wn > offset`` iff ``s * (c W) n > alpha_offset`` with
@@ -310,46 +263,3 @@ def _save(model: CausalLM, path: Path, provenance: dict, offset: float | None = 
                                adapter.base_fingerprint(model), provenance)
     tmp.replace(path)
     return path
-
-
-def run_fit(run: FitRun, progress: bool = True) -> dict:
-    """Fits, saves ``adapter_latest.safetensors`` every ``save_every`` batches (a killed fit continues with
-    ``resume``), then writes one calibrated adapter per ``cache_ratios`` entry and ``results.json``."""
-    from tqdm import tqdm
-
-    from dms_jax import weights
-    from dms_jax.data.dataset import build_dataset
-    from dms_jax.provenance import machine_description, utc_now
-
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    model, start = _load(run)
-    tokenizer = weights.load_tokenizer(run.model)
-    data = build_dataset(tokenizer, run.seq_len, run.data, last="drop", recall_fraction=run.recall_fraction,
-                         synthetic_kind="longrange", window=run.window)
-    _append_json(run.run_dir / "starts.jsonl", {"step": start, "command": run.command, "date": utc_now()})
-    base = {"command": run.command, "base_model": str(run.model or "SmolLM2-135M-Instruct (embedded)"),
-            "method": "attention-fit", "fit": dataclasses.asdict(run.fit), "seq_len": run.seq_len}
-    bar = tqdm(total=run.fit.steps, initial=start, disable=not progress, desc="fit adapter")
-
-    def on_step(step, metrics):
-        _append_json(run.run_dir / "metrics.jsonl", {"step": step, **metrics})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", keep_recall=f"{metrics['keep_recall']:.2f}")
-        if step % run.save_every == 0 or step == run.fit.steps:
-            _save(model, run.run_dir / "adapter_latest.safetensors", {**base, "step": step})
-
-    fit_adapter(model, data.train.tokens, data.train.valid, run.fit, on_step=on_step, start_step=start)
-    bar.close()
-    rows = data.heldout.tokens[: run.calibration_rows], data.heldout.valid[: run.calibration_rows]
-    calibrated = {}
-    for ratio in run.cache_ratios:
-        offset = calibrate_offset(model, *rows, target_cache_ratio=ratio)
-        path = _save(model, run.run_dir / f"adapter_cr{ratio:g}.safetensors",
-                     {**base, "step": run.fit.steps, "calibrated_cache_ratio": ratio,
-                      "calibration": f"{len(rows[0])} held-out rows of {run.seq_len} tokens"}, offset)
-        calibrated[f"{ratio:g}"] = {"alpha_offset": offset, "file": str(path),
-                                    "cache_ratio": adapter_cache_ratio(model, *rows, offset)}
-    results = {**base, "machine": machine_description(), "date": utc_now(), "steps": run.fit.steps,
-               "train_rows": int(data.train.tokens.shape[0]), "calibrated": calibrated}
-    (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
