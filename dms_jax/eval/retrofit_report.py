@@ -11,6 +11,7 @@ every generation case of the milestone, the same figure evaluate reports for eve
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 GENERATION_TASKS = ("passkey", "variable_tracking", "multikey")
 # (name, milestones with at least this whole-cache compression, task, pooled figure, allowed drop in points)
@@ -165,8 +166,12 @@ def plot_report(report: dict, png) -> None:
     for ax, task in zip(axes[0], tasks):
         es = sorted((e for e in entries if task in e), key=lambda e: e["cr_cache"])
         x = [e["cr_cache"] for e in es]
-        ax.plot(x, [e[task]["dms"] for e in es], "D-", color="C0", label="DMS (mean)")
-        ax.plot(x, [e[task]["dms_worst"] for e in es], "D--", color="C0", alpha=0.6, label="DMS (worst wording)")
+        # Markers, not lines: the points may come from different runs or recipes; each is named by its file.
+        ax.plot(x, [e[task]["dms"] for e in es], "D", color="C0", label="DMS (mean)")
+        ax.plot(x, [e[task]["dms_worst"] for e in es], "D", color="C0", alpha=0.4, label="DMS (worst wording)")
+        for e in es:
+            name = Path(str(e["checkpoint"])).stem.replace("smollm2_", "")
+            ax.annotate(name, (e["cr_cache"], e[task]["dms"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ref = next((e[task] for e in es if "original" in e[task]), None)
         if ref is not None:
             ax.axhline(ref["original"], color="k", label="original (mean)")

@@ -9,8 +9,9 @@ drawn uniformly from ``[min_tokens, max_tokens]``; every request generates exact
 after a warm-up request that compiles its shapes.
 
 Per configuration: throughput (generated tokens / seconds from the first arrival to the last token), time to first
-token and time per output token (mean and p90 over requests), the most sequences held at once, preemptions, and
-the pool: pages and bytes. The budget is bytes: each configuration gets ``budget_bytes // bytes_per_page`` pages of
+token and time per output token (mean and p90 over requests), the most sequences decoding at once
+(``max_concurrent``; ``max_admitted`` also counts prompts being prefilled), preemptions, and the pool: pages and
+bytes. The budget is bytes: each configuration gets ``budget_bytes // bytes_per_page`` pages of
 its own page size and entry size (int8 entries are 3.8x smaller, so the same bytes hold more pages).
 """
 
@@ -110,7 +111,7 @@ def run_scheduler(engine, workload: Workload, budget_bytes: int, *, max_seqs: in
     warm = list(workload.prompts[0][: engine.prefill_chunk + 8])
     sched.generate([warm], max_new_tokens=2 * segment_steps, stop_ids=[])
     base = dict(sched.counters)
-    rids, peak = {}, {"running": 0, "pages": 0}
+    rids, peak = {}, {"decoding": 0, "admitted": 0, "pages": 0}
 
     def submit(i):
         rids[i] = sched.submit(list(workload.prompts[i]), max_new_tokens=workload.answer_tokens, stop_ids=[])
@@ -118,7 +119,9 @@ def run_scheduler(engine, workload: Workload, budget_bytes: int, *, max_seqs: in
     def step():
         sched.step()
         m = sched.metrics()
-        peak["running"] = max(peak["running"], m["running"] + m["prefilling"])
+        # Decoding sequences are what the pool really holds at once; an admitted prompt may still be preempted.
+        peak["decoding"] = max(peak["decoding"], m["running"])
+        peak["admitted"] = max(peak["admitted"], m["running"] + m["prefilling"])
         peak["pages"] = max(peak["pages"], m["pages_used"])
 
     start = _drive(workload, submit, step, lambda: sched.idle, time.time)  # Completion stamps with time.time
@@ -129,7 +132,7 @@ def run_scheduler(engine, workload: Workload, budget_bytes: int, *, max_seqs: in
     records = [{"submitted": c.submitted_at, "first_token": c.first_token_at, "finished": c.finished_at,
                 "tokens": len(c.tokens)} for c in done]
     out = summarize(records, max(c.finished_at for c in done) - start)
-    out.update(max_concurrent=peak["running"], preemptions=sched.counters["preemptions"] - base["preemptions"],
+    out.update(max_concurrent=peak["decoding"], max_admitted=peak["admitted"], preemptions=sched.counters["preemptions"] - base["preemptions"],
                pool_pages=pages, page_bytes=page_bytes, pool_bytes=pages * page_bytes,
                peak_pages_used=peak["pages"], compression_mean=float(np.mean([c.compression for c in done])),
                compiled_shapes=len(sched.compiled_shapes()), outputs=[list(c.tokens) for c in done])
@@ -220,7 +223,7 @@ def plot(result: dict, png) -> None:
 
     runs = result["runs"]
     names = list(runs)
-    panels = (("throughput_tokens_per_s", "generated tokens / s"), ("max_concurrent", "most sequences at once"),
+    panels = (("throughput_tokens_per_s", "generated tokens / s"), ("max_concurrent", "most sequences decoding"),
               ("ttft_mean_s", "mean time to first token (s)"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (field, label) in zip(axes, panels):
