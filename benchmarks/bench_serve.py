@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
                                          args.rate, args.seed)
     budget = int(args.budget_mib * 2**20)
     context = args.max_tokens + 64 + args.answer_tokens
-    runs = {}
+    runs, out = {}, Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
     for name in args.configs.split(","):
         t0 = time.perf_counter()
         if name == "transformers":
@@ -78,15 +79,13 @@ def main(argv=None) -> dict:
                                                    context=context)
         print(f"{name}: {runs[name]['throughput_tokens_per_s']:.1f} tok/s, "
               f"max concurrent {runs[name].get('max_concurrent')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    result = {**provenance(PROG, argv), "workload": {
-        "requests": args.requests, "prompt_tokens": [len(p) for p in workload.prompts],
-        "answer_tokens": args.answer_tokens, "rate_per_s": args.rate, "arrivals_s": list(workload.arrivals),
-        "budget_bytes": budget, "max_seqs": args.max_seqs, "seed": args.seed},
-        "runs": serve_bench.strip_outputs(runs), "summary": serve_bench.summary(runs)}
-    out = Path(args.out)
-    old = json.loads(out.read_text()) if out.exists() else {}
-    result = {**old, **result}  # keeps the load test's entry
-    out.write_text(json.dumps(result, indent=1) + "\n")
+        result = {**provenance(PROG, argv), "workload": {
+            "requests": args.requests, "prompt_tokens": [len(p) for p in workload.prompts],
+            "answer_tokens": args.answer_tokens, "rate_per_s": args.rate, "arrivals_s": list(workload.arrivals),
+            "budget_bytes": budget, "max_seqs": args.max_seqs, "seed": args.seed},
+            "runs": serve_bench.strip_outputs(runs), "summary": serve_bench.summary(runs)}
+        result = {**old, **result}  # keeps the load test's entry
+        out.write_text(json.dumps(result, indent=1) + "\n")  # after every configuration: a kill loses one at most
     serve_bench.plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
     return result

@@ -132,7 +132,8 @@ def run_scheduler(engine, workload: Workload, budget_bytes: int, *, max_seqs: in
     records = [{"submitted": c.submitted_at, "first_token": c.first_token_at, "finished": c.finished_at,
                 "tokens": len(c.tokens)} for c in done]
     out = summarize(records, max(c.finished_at for c in done) - start)
-    out.update(max_concurrent=peak["decoding"], max_admitted=peak["admitted"], preemptions=sched.counters["preemptions"] - base["preemptions"],
+    out.update(max_concurrent=peak["decoding"], max_admitted=peak["admitted"],
+               preemptions=sched.counters["preemptions"] - base["preemptions"],
                pool_pages=pages, page_bytes=page_bytes, pool_bytes=pages * page_bytes,
                peak_pages_used=peak["pages"], compression_mean=float(np.mean([c.compression for c in done])),
                compiled_shapes=len(sched.compiled_shapes()), outputs=[list(c.tokens) for c in done])

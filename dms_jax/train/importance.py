@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from dms_jax import dms
+from dms_jax.data.batches import batch_indices
 from dms_jax.model import CausalLM, attention_probs, causal_bias
 from dms_jax.train.step import trainable_filter
 
@@ -133,11 +134,11 @@ def fit_adapter(model: CausalLM, tokens: np.ndarray, valid: np.ndarray, cfg: Fit
                 labels_fn: Callable | None = None) -> CausalLM:
     """Fits the adapter of ``model`` in place (base frozen) on rows ``tokens`` / ``valid`` [N, T] and returns it.
 
-    Rows are drawn without replacement per epoch from a permutation seeded by ``cfg.seed``; ``on_step(step,
-    metrics)`` is called after each batch (metrics: loss, label_evict (the labelled fraction, ~evict_fraction),
-    predicted_evict, agreement, keep_recall, seconds). ``start_step`` continues a fit whose adapter ``model`` already holds
-    (fresh Adam moments). ``labels_fn(read, labelled, valid) -> (labels, mask)`` replaces the read-weight labels
-    (:func:`evict_labels`), e.g. with ``dms_jax.train.heads.head_labels``.
+    Batches are ``dms_jax.data.batches.batch_indices`` of ``cfg.seed`` (a pure function of the step);
+    ``on_step(step, metrics)`` is called after each batch (metrics: loss, label_evict (the labelled fraction,
+    ~evict_fraction), predicted_evict, agreement, keep_recall, seconds). ``start_step`` continues a fit whose
+    adapter ``model`` already holds (fresh Adam moments). ``labels_fn(read, labelled, valid) -> (labels, mask)``
+    replaces the read-weight labels (:func:`evict_labels`), e.g. with ``dms_jax.train.heads.head_labels``.
     """
     _check_model(model)
     n = tokens.shape[0]
@@ -172,10 +173,7 @@ def fit_adapter(model: CausalLM, tokens: np.ndarray, valid: np.ndarray, cfg: Fit
 
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        epoch, within = divmod(step * cfg.batch_size, n)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(n)])[
-            within: within + cfg.batch_size]
+        idx = batch_indices(n, step, cfg.batch_size, cfg.seed)
         tok, val = jnp.asarray(tokens[idx]), jnp.asarray(valid[idx])
         residuals, labels, mask = labels_of(model, tok, val)
         for _ in range(cfg.inner_steps):
