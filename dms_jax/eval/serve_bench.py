@@ -228,8 +228,11 @@ def plot(result: dict, png) -> None:
               ("ttft_mean_s", "mean time to first token (s)"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (field, label) in zip(axes, panels):
-        values = [runs[n].get(field) or 0 for n in names]
-        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        values = [runs[n].get(field) for n in names]
+        ax.bar(range(len(names)), [v or 0 for v in values], color=[f"C{i}" for i in range(len(names))])
+        for i, v in enumerate(values):
+            if v is None:  # transformers does not report how many sequences it runs at once
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
