@@ -160,8 +160,10 @@ def run_transformers(hf_model, workload: Workload, budget_bytes: int, *, page_si
         with torch.inference_mode():
             warm = list(workload.prompts[0][:64])
             manager.add_request(warm, request_id="warm", max_new_tokens=4)
-            while manager.get_result(request_id="warm", timeout=600) is None:
-                pass
+            deadline = time.perf_counter() + 600
+            while (r := manager.get_result(request_id="warm", timeout=1.0)) is None or not r.is_finished():
+                if time.perf_counter() > deadline:  # get_result also returns None at once if its thread died
+                    raise RuntimeError("transformers: the warm-up request did not finish in 600 s")
             submitted, results = {}, {}
 
             def submit(i):
