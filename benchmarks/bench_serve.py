@@ -44,14 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _engine(name: str, args):
+def _engine(name: str, args, model):
+    """The engine of one configuration; ``model`` is the base model, shared by all but the retrofit."""
     from dms_jax import weights
     from dms_jax.adapter import SHIPPED_ADAPTER
     from dms_jax.serve.engine import Engine
 
     if name == "dms-retrofit":
         return Engine(weights.load_model(dms=args.dms_model or str(SHIPPED_ADAPTER)), "dms")
-    model = weights.load_model()
     if name == "vanilla":
         return Engine(model, "vanilla")
     return Engine(model, "fixed", window=64, cr=8, cache_dtype="int8" if name.endswith("int8") else None)
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from dms_jax.eval import serve_bench
     from dms_jax.provenance import provenance
 
-    tok = weights.load_tokenizer()
+    tok, base = weights.load_tokenizer(), weights.load_model()
     workload = serve_bench.make_workload(tok, args.requests, args.min_tokens, args.max_tokens, args.answer_tokens,
                                          args.rate, args.seed)
     budget = int(args.budget_mib * 2**20)
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         if name == "transformers":
             runs[name] = serve_bench.run_transformers(_hf_model(), workload, budget, max_seqs=args.max_seqs)
         else:
-            runs[name] = serve_bench.run_scheduler(_engine(name, args), workload, budget, max_seqs=args.max_seqs,
+            runs[name] = serve_bench.run_scheduler(_engine(name, args, base), workload, budget, max_seqs=args.max_seqs,
                                                    context=context)
         print(f"{name}: {runs[name]['throughput_tokens_per_s']:.1f} tok/s, "
               f"max concurrent {runs[name].get('max_concurrent')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

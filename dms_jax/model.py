@@ -99,10 +99,7 @@ def attend(q, k, v, bias):
     q [B, T, Hq, D]; k, v [B, S, Hkv, D]; bias [B, Hkv or 1, T, S] (shared by a KV head's query group).
     Scores and softmax in float32.
     """
-    b, t, hq, d = q.shape
-    probs = attention_probs(q, k, bias)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    return weighted_values(attention_probs(q, k, bias), v, q.dtype)
 
 
 def attention_probs(q, k, bias):
@@ -113,6 +110,13 @@ def attention_probs(q, k, bias):
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     return jax.nn.softmax(scores + bias[:, :, None], axis=-1)
+
+
+def weighted_values(probs, v, dtype):
+    """Attention output [B, T, Hq, D] in ``dtype`` from weights [B, Hkv, G, T, S] and values [B, S, Hkv, D]."""
+    b, hkv, g, t, _ = probs.shape
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hkv * g, v.shape[-1]).astype(dtype)
 
 
 def causal_bias(q_pos, k_pos, k_valid):

@@ -12,8 +12,8 @@ held-out rows of --seq-len tokens compress R times (whole cache).
 every token, the others mark all but their first --sink (dms_jax.train.heads): adapter_heads<K>.safetensors.
 The run directory also gets metrics.jsonl, starts.jsonl, adapter_latest.safetensors (every --save-every batches)
 and results.json (dms_jax.train.fit_run). The files load with
-`weights.load_model(dms=FILE)`, `experiments.evaluate --dms-model FILE`, or continue as a DMS distillation
-with `experiments.distill --warm-start FILE`.
+`weights.load_model(dms=FILE)`, `experiments.evaluate --dms-model FILE`, or start a DMS distillation with
+`experiments.distill --init-adapter FILE`.
 """
 
 from __future__ import annotations

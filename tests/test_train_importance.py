@@ -131,12 +131,13 @@ def test_calibrate_offset_hits_the_target_counted_in_numpy(tiny_hf_model):
                     imp.FitConfig(steps=4, batch_size=2, inner_steps=4, evict_fraction=0.7, lr=1e-2))
     valid = np.ones_like(tokens, bool)
     valid[1, 50:] = False
-    offset = imp.calibrate_offset(model, tokens, valid, target_cache_ratio=2.0)
+    offset, reported = imp.calibrate_offset(model, tokens, valid, target_cache_ratio=2.0)
     raw = np.asarray(imp._raw_logits(model, jnp.asarray(tokens), jnp.asarray(valid)))
     measured = _numpy_cache_ratio(raw, valid, 4, offset)
     # Byte tokens repeat, so equal logits make the ratio jump by up to ~0.15 here: 10%, not the default 1%.
     assert abs(measured - 2.0) < 0.2
     assert imp.adapter_cache_ratio(model, tokens, valid, offset) == pytest.approx(measured, rel=1e-6)
+    assert reported == pytest.approx(measured, rel=1e-6)
     with pytest.raises(ValueError, match="target_cache_ratio"):
         imp.calibrate_offset(model, tokens, valid, target_cache_ratio=40.0)
 

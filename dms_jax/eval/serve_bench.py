@@ -25,6 +25,8 @@ import numpy as np
 from dms_jax.chat import chat_prompt
 from dms_jax.data.corpus import builtin_documents
 
+INSTRUCTION = "Summarise this passage of documentation in a few sentences:\n\n"
+
 __all__ = ["Workload", "make_workload", "run_scheduler", "run_transformers", "summarize", "summary", "strip_outputs",
            "plot"]
 
@@ -34,10 +36,6 @@ class Workload:
     prompts: tuple[tuple[int, ...], ...]
     arrivals: tuple[float, ...]  # seconds after the first arrival, increasing
     answer_tokens: int
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
 
 
 def make_workload(tokenizer, n_requests: int, min_tokens: int, max_tokens: int, answer_tokens: int, rate: float,
@@ -53,7 +51,7 @@ def make_workload(tokenizer, n_requests: int, min_tokens: int, max_tokens: int, 
         raise ValueError(f"rate must be > 0 (requests per second), got {rate!r}")
     rng = np.random.default_rng(seed)
     docs = builtin_documents()
-    overhead = len(chat_prompt(tokenizer, "Summarise this passage of documentation in a few sentences:\n\n"))
+    overhead = len(chat_prompt(tokenizer, INSTRUCTION))
     prompts = []
     for _ in range(n_requests):
         target = int(rng.integers(min_tokens, max_tokens + 1))
@@ -63,8 +61,7 @@ def make_workload(tokenizer, n_requests: int, min_tokens: int, max_tokens: int, 
             ids.extend(tokenizer(docs[i % len(docs)] + "\n\n", add_special_tokens=False)["input_ids"])
             i += 1
         passage = tokenizer.decode(ids[: max(target - overhead, 1)])
-        prompts.append(tuple(chat_prompt(
-            tokenizer, "Summarise this passage of documentation in a few sentences:\n\n" + passage)))
+        prompts.append(tuple(chat_prompt(tokenizer, INSTRUCTION + passage)))
     gaps = rng.exponential(1.0 / rate, size=n_requests)
     gaps[0] = 0.0
     return Workload(tuple(prompts), tuple(float(t) for t in np.cumsum(gaps)), int(answer_tokens))

@@ -119,13 +119,12 @@ def run_fit(run: FitRun, progress: bool = True) -> dict:
     _append_json(run.run_dir / "starts.jsonl", {"step": start, "command": run.command, "date": utc_now()})
     base = {"command": run.command, "base_model": str(run.model or "SmolLM2-135M-Instruct (embedded)"),
             "method": f"attention-fit ({run.labels})", "fit": dataclasses.asdict(run.fit), "seq_len": run.seq_len}
-    labels_fn, extra = None, {}
+    labels_fn = None
     if run.labels == "heads":
         keep = heads.heads_to_keep(_head_damage(run, model, data, progress), run.keep_heads)
         labels_fn = lambda read, labelled, valid: heads.head_labels(keep, valid, run.sink)  # noqa: E731
-        extra = {"keep_heads": run.keep_heads, "sink": run.sink,
-                 "kept": [[int(layer), int(h)] for layer, h in zip(*np.nonzero(keep))]}
-        base.update(extra)
+        base.update(keep_heads=run.keep_heads, sink=run.sink,
+                    kept=[[int(layer), int(h)] for layer, h in zip(*np.nonzero(keep))])
     bar = tqdm(total=run.fit.steps, initial=start, disable=not progress, desc="fit adapter")
 
     def on_step(step, metrics):
@@ -146,12 +145,11 @@ def run_fit(run: FitRun, progress: bool = True) -> dict:
         files["heads"] = {"file": str(path), "cache_ratio": adapter_cache_ratio(model, *rows,
                                                                                  model.dms_cfg.alpha_offset)}
     for ratio in run.cache_ratios if run.labels == "reads" else ():
-        offset = calibrate_offset(model, *rows, target_cache_ratio=ratio)
+        offset, measured = calibrate_offset(model, *rows, target_cache_ratio=ratio)
         path = save_fitted(model, run.run_dir / f"adapter_cr{ratio:g}.safetensors",
                            {**base, "step": run.fit.steps, "calibrated_cache_ratio": ratio,
                             "calibration": f"{len(rows[0])} held-out rows of {run.seq_len} tokens"}, offset)
-        files[f"{ratio:g}"] = {"alpha_offset": offset, "file": str(path),
-                               "cache_ratio": adapter_cache_ratio(model, *rows, offset)}
+        files[f"{ratio:g}"] = {"alpha_offset": offset, "file": str(path), "cache_ratio": measured}
     results = {**base, "machine": machine_description(), "date": utc_now(), "steps": run.fit.steps,
                "train_rows": int(data.train.tokens.shape[0]), "files": files,
                "heldout_rows": f"{len(rows[0])} held-out rows of {run.seq_len} tokens"}

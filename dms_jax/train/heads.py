@@ -50,7 +50,7 @@ def marked_head_damage(model: CausalLM, tokens: np.ndarray, valid: np.ndarray, w
 
     @nnx.jit
     def teacher_logits(model, tok, val):
-        return _forward_with_marks(model, tok, val, jnp.zeros((cfg.num_layers, cfg.num_kv_heads, t), bool), window)
+        return model(tok, valid=val)[0]
 
     @nnx.jit
     def damage(model, tok, val, weight, teacher, layer, head):

@@ -14,11 +14,11 @@ compression loss does). The idea of predicting future attention at write time is
 
 The fitted logits rank tokens; the DMSConfig's ``alpha_offset`` sets the threshold, so one fit serves every
 compression ratio: :func:`calibrate_offset` finds the offset that gives a target whole-cache compression on
-held-out rows. A DMS distillation can then continue from the fitted adapter (``experiments.distill
---warm-start``).
+held-out rows. A DMS distillation can then start from the fitted adapter (``experiments.distill
+--init-adapter``).
 
     fit_adapter(model, tokens, valid, FitConfig(...))   # model: built with an adapter DMSConfig, base frozen
-    offset = calibrate_offset(model, heldout_rows, target_cache_ratio=4.0)
+    offset, ratio = calibrate_offset(model, heldout_tokens, heldout_valid, target_cache_ratio=4.0)
 
 Everything is a pure function of arrays except the loop, which is deterministic in its seed.
 """
@@ -38,7 +38,7 @@ from flax import nnx
 
 from dms_jax import dms
 from dms_jax.data.batches import batch_indices
-from dms_jax.model import CausalLM, attention_probs, causal_bias
+from dms_jax.model import CausalLM, attention_probs, causal_bias, weighted_values
 from dms_jax.train.step import trainable_filter
 
 __all__ = ["FitConfig", "future_read_weight", "teacher_reads", "evict_labels", "fit_loss", "fit_adapter",
@@ -93,9 +93,7 @@ def teacher_reads(model: CausalLM, tokens, valid, window: int):
             probs = attention_probs(p.q, p.k, bias)
             read, labelled = future_read_weight(probs, positions, valid, window)
             reads.append(read)
-            bq, tq, hq, d = p.q.shape
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, p.v.astype(jnp.float32))
-            return out.reshape(bq, tq, hq, d).astype(p.q.dtype), None
+            return weighted_values(probs, p.v, p.q.dtype), None
 
         residuals.append(x)
         x, _ = layer(x, positions, attention, False)
@@ -114,11 +112,16 @@ def evict_labels(read, labelled, evict_fraction: float):
     return (read < threshold).astype(jnp.float32), mask
 
 
+def _owner_adapter_logits(model: CausalLM, residuals, valid):
+    """The adapter's decision logits [L, B, Hkv, T] on ``residuals`` [L, B, T, hidden], moved to their owners."""
+    return jnp.stack([dms.owner_logits(layer.self_attn.adapter_logits(x), valid)
+                      for layer, x in zip(model.layers, residuals)])
+
+
 def fit_loss(model: CausalLM, residuals, valid, labels, mask):
     """(mean binary cross-entropy of the adapter's owner-shifted logits against ``labels`` over ``mask``, the
     logits [L, B, Hkv, T])."""
-    logits = jnp.stack([dms.owner_logits(layer.self_attn.adapter_logits(x), valid)
-                        for layer, x in zip(model.layers, residuals)])
+    logits = _owner_adapter_logits(model, residuals, valid)
     per_entry = optax.sigmoid_binary_cross_entropy(logits, labels)
     m = mask.astype(jnp.float32)
     return jnp.sum(per_entry * m) / jnp.maximum(jnp.sum(m), 1.0), logits
@@ -199,9 +202,7 @@ def _raw_logits(model, tokens, valid):
     """Owner-shifted adapter logits [L, B, Hkv, T] plus the model's offset (so thresholds at 0 + offset), on the
     original residual stream; "keep" where there is no decision."""
     residuals, _, _ = teacher_reads(model, tokens, valid, model.dms_cfg.window)
-    logits = jnp.stack([dms.owner_logits(layer.self_attn.adapter_logits(x), valid)
-                        for layer, x in zip(model.layers, residuals)])
-    return logits + model.dms_cfg.alpha_offset
+    return _owner_adapter_logits(model, residuals, valid) + model.dms_cfg.alpha_offset
 
 
 def _ratio_at(raw, valid, window: int, offset: float) -> float:
@@ -209,10 +210,11 @@ def _ratio_at(raw, valid, window: int, offset: float) -> float:
     return float(jnp.sum(stats["n_tokens"]) / jnp.maximum(jnp.sum(stats["n_live"]), 1.0))
 
 
-def calibrate_offset(model: CausalLM, tokens, valid, target_cache_ratio: float, tol: float = 0.01) -> float:
-    """The ``alpha_offset`` at which the adapter's hard decisions compress ``tokens`` [B, T] (whole cache, at the
-    end of each row) by ``target_cache_ratio`` (within ``tol``, relative, where the logits allow), found by
-    bisection (the ratio falls as the offset rises).
+def calibrate_offset(model: CausalLM, tokens, valid, target_cache_ratio: float,
+                     tol: float = 0.01) -> tuple[float, float]:
+    """(offset, ratio): the ``alpha_offset`` at which the adapter's hard decisions compress ``tokens`` [B, T]
+    (whole cache, at the end of each row) by ``target_cache_ratio`` (within ``tol``, relative, where the logits
+    allow), found by bisection (the ratio falls as the offset rises), and the ratio it gives.
 
     ValueError if the target is out of reach: at most T / (window + 1) for rows of T tokens (the window is
     always live), and the fitted logits may not spread that far.
@@ -229,16 +231,16 @@ def calibrate_offset(model: CausalLM, tokens, valid, target_cache_ratio: float, 
     if best < target_cache_ratio:
         raise ValueError(f"target_cache_ratio: {target_cache_ratio} is out of reach on these rows; evicting every "
                          f"decided token outside the window gives {best:.2f}")
-    closest = (abs(best - target_cache_ratio), lo)
+    closest = (abs(best - target_cache_ratio), lo, best)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         ratio = _ratio_at(raw, valid, window, mid)
-        closest = min(closest, (abs(ratio - target_cache_ratio), mid))
+        closest = min(closest, (abs(ratio - target_cache_ratio), mid, ratio))
         if closest[0] <= tol * target_cache_ratio:
             break
         lo, hi = (mid, hi) if ratio > target_cache_ratio else (lo, mid)
     # Equal logits (repeated tokens) make the ratio jump: the closest offset met, not always within tol.
-    return closest[1]
+    return closest[1], closest[2]
 
 
 def save_fitted(model: CausalLM, path: Path, provenance: dict, offset: float | None = None) -> Path:
