@@ -76,6 +76,11 @@ def test_run_fit_with_head_labels_marks_the_least_needed_heads(tmp_path):
     for layer, head in np.ndindex(*share.shape):
         if (layer, head) != kept:
             assert share[layer, head] > (0.75 if layer > 0 else share[kept] + 0.2), share
-    with pytest.raises(ValueError, match="labels"):
-        fit_run.FitRun(fit=fit, run_dir=tmp_path, command="x", labels="tokens")
+    for bad, name in ((dict(labels="tokens"), "labels"), (dict(keep_heads=-1), "keep_heads"),
+                      (dict(damage_rows=0), "damage_rows")):
+        with pytest.raises(ValueError, match=name):
+            fit_run.FitRun(fit=fit, run_dir=tmp_path, command="x", **bad)
+    with pytest.raises(ValueError, match="--resume"):
+        fit_run.run_fit(fit_run.FitRun(fit=fit, run_dir=tmp_path / "empty", command="x", model=str(model_dir),
+                                       resume=True), progress=False)
     jax.clear_caches()
