@@ -48,9 +48,15 @@ def test_teacher_reads_match_transformers_attention(tiny_hf_model):
     hf = tiny_hf_model("llama")
     model = weights.from_transformers(hf, DMSConfig(variant="adapter", window=2))
     tokens = np.random.default_rng(3).integers(0, 256, size=(2, 12))
+    # The model is the session's shared fixture: switch it to eager attention (which returns its weights) for this
+    # call only, or later tests that compare its logits bit for bit would see eager's rounding instead of SDPA's.
+    previous = hf.config._attn_implementation
     hf.config._attn_implementation = "eager"
-    with torch.no_grad():
-        att = hf(torch.as_tensor(tokens), output_attentions=True).attentions  # L x [B, Hq, T, S]
+    try:
+        with torch.no_grad():
+            att = hf(torch.as_tensor(tokens), output_attentions=True).attentions  # L x [B, Hq, T, S]
+    finally:
+        hf.config._attn_implementation = previous
     residuals, read, labelled = imp.teacher_reads(model, jnp.asarray(tokens), jnp.ones(tokens.shape, bool), 2)
     hkv = model.cfg.num_kv_heads
     for layer, a in enumerate(att):
