@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dms_jax.serve.pages import allocate, bucket, free_pages, select_preemptions, used_pages
-from dms_jax.serve.spec import CacheSpec
+from dms_jax.serve.pages import allocate, bucket, free_pages, put_slots, select_preemptions, take_slots, used_pages
+from dms_jax.serve.spec import CacheSpec, init_cache
 
 D = 4
 
@@ -37,6 +37,31 @@ def test_select_preemptions(need, freeable, cand, free, want):
     got = select_preemptions(jnp.asarray(need), jnp.asarray(freeable), jnp.asarray(cand, bool),
                              jnp.asarray(free))
     assert np.asarray(got).astype(int).tolist() == want
+
+
+def test_take_and_put_slots_move_only_the_chosen_sequences():
+    spec = _spec(seqs=4)
+    rng = np.random.default_rng(7)
+    cache = init_cache(spec)
+    fields = {n: rng.integers(0, 9, size=getattr(cache, n).shape).astype(getattr(cache, n).dtype)
+              for n in ("block_tables", "lengths", "ring_slot", "ring_dec", "num_tokens")}
+    cache = cache.replace(**{n: jnp.asarray(v) for n, v in fields.items()})
+    slots = np.asarray([2, 0, 3, 3])  # a repeated (padding) slot, as the scheduler pads a segment
+    sub = take_slots(cache, jnp.asarray(slots))
+    for name, v in fields.items():
+        axis = 0 if name == "num_tokens" else 1
+        np.testing.assert_array_equal(np.asarray(getattr(sub, name)), np.take(v, slots, axis=axis))
+    # Change sequences 2 and 0 (rows 0 and 1) and the pool; slot 1 is not taken and must stay as it was.
+    sub = sub.replace(lengths=sub.lengths.at[:, :2].add(1), num_tokens=sub.num_tokens.at[:2].add(5),
+                      refcount=sub.refcount.at[3].set(7))
+    back = put_slots(cache, sub, jnp.asarray(slots))
+    want_len, want_num = fields["lengths"].copy(), fields["num_tokens"].copy()
+    want_len[:, [2, 0]] += 1
+    want_num[[2, 0]] += 5
+    np.testing.assert_array_equal(np.asarray(back.lengths), want_len)
+    np.testing.assert_array_equal(np.asarray(back.num_tokens), want_num)
+    np.testing.assert_array_equal(np.asarray(back.block_tables), fields["block_tables"])
+    assert int(back.refcount[3]) == 7
 
 
 def test_select_preemptions_by_rank():

@@ -168,6 +168,31 @@ def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
         policy_state=state_rows(cache.policy_state, lambda x: fit(x, 1, 0)))
 
 
+# The per-sequence fields of a PagedCache and their slot axis (policy_state's leaves: axis 1); the pools and the
+# refcounts are shared by every sequence.
+_SLOT_AXIS = dict(block_tables=1, lengths=1, ring_slot=1, ring_dec=1, num_tokens=0)
+
+
+def take_slots(cache: PagedCache, slots: Array) -> PagedCache:
+    """A cache whose sequence ``i`` is ``cache``'s sequence ``slots[i]``, over the same pool: a decode step of a
+    few running sequences then costs what they need, not what every slot would. Write it back with
+    ``put_slots``; a slot may repeat only if the step leaves it unchanged (an idle padding slot)."""
+    fields = {name: jnp.take(getattr(cache, name), slots, axis=axis) for name, axis in _SLOT_AXIS.items()}
+    return cache.replace(policy_state=state_rows(cache.policy_state, lambda x: jnp.take(x, slots, axis=1)), **fields)
+
+
+def put_slots(cache: PagedCache, sub: PagedCache, slots: Array) -> PagedCache:
+    """``cache`` with the pool, refcounts and high-water mark of ``sub`` and its sequences written back to
+    ``slots`` (the inverse of ``take_slots``)."""
+    def put(x, y, axis):
+        return x.at[(slice(None),) * axis + (slots,)].set(y)
+
+    fields = {name: put(getattr(cache, name), getattr(sub, name), axis) for name, axis in _SLOT_AXIS.items()}
+    state = None if cache.policy_state is None else jax.tree.map(lambda x, y: put(x, y, 1), cache.policy_state,
+                                                                  sub.policy_state)
+    return sub.replace(policy_state=state, **fields)
+
+
 def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
     """[S] pages only this sequence references (refcount 1): what letting it go frees for sure."""
     refs = table_refs(cache, page_size)

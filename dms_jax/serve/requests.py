@@ -70,6 +70,11 @@ class Completion:
         return self.dense_entries / self.live_entries if self.live_entries else 1.0
 
 
+def dense_pages(num_tokens: int, heads: int, page_size: int) -> int:
+    """Pages ``num_tokens`` tokens take when every one of ``heads`` (layers x KV heads) keeps all of them."""
+    return heads * -(-int(num_tokens) // page_size)
+
+
 def check_request(prompt, max_new_tokens, sampling, stop_ids, seed, *, cfg: ModelConfig, max_tokens: int,
                   max_stop_ids: int, pool: tuple[int, int, int] | None = None) -> list[int]:
     """The prompt as a list of ints, after checking every field of a request; RequestError names the bad one.
@@ -98,7 +103,7 @@ def check_request(prompt, max_new_tokens, sampling, stop_ids, seed, *, cfg: Mode
                            f"context of {max_tokens} tokens")
     if pool is not None:
         num_pages, heads, page_size = pool
-        pages = heads * -(-(len(prompt) + max_new_tokens) // page_size)
+        pages = dense_pages(len(prompt) + max_new_tokens, heads, page_size)
         if pages > num_pages:
             raise RequestError("max_tokens", f"the prompt ({len(prompt)} tokens) + max_tokens ({max_new_tokens}) "
                                f"need {pages} KV pages, more than the whole pool ({num_pages})")

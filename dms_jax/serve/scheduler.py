@@ -13,11 +13,16 @@ more than one chunk.
 
 Memory is what the sequences really hold. A request is admitted when the pool has the pages its next chunk can
 take (every head appending every token, in the worst case) on top of a reserve for the running sequences' next
-segment: its whole dense length is never reserved, so a DMS model admits as many requests as its live entries
-allow. A sequence that finishes (a stop id, its ``max_new_tokens``, or a cancellation) frees its pages at once.
-When a decode step does not fit, the newest running requests by arrival are preempted (``pages.select_preemptions``
-with their arrival rank) and later re-admitted ahead of newer arrivals: they prefill their prompt and what they had
-generated, and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone, so its
+segment. With an evicting policy its whole dense length is never reserved, so a DMS model admits as many requests
+as its live entries allow. A policy that evicts nothing (vanilla, Quest) knows what each request will hold -- its
+dense length, prompt + ``max_new_tokens`` -- so by default (``reserve_dense``) it admits a request only when the
+dense lengths of all admitted requests fit the pool: admitting on the next chunk alone would fill the pool with
+half-finished sequences that preempt each other over and over (bench_serve's vanilla run, before this rule:
+144 preemptions for 16 requests). A sequence that finishes (a stop id, its ``max_new_tokens``, or a
+cancellation) frees its pages at once. When a decode step does not fit, cache entries are dropped first; then the
+newest running requests by arrival are preempted (``pages.select_preemptions`` with their arrival rank) and later
+re-admitted ahead of newer arrivals, once the pool holds their whole context again (not just one chunk, which
+would preempt them anew): they prefill their prompt and what they had generated, and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone, so its
 output does not depend on its neighbours, on preemptions or on the batch it ran in.
 
 Multi-turn and shared prefixes: with ``prefix_cache`` a finished sequence keeps its pages as a cache entry (its
@@ -30,8 +35,9 @@ request that finds none prefills its whole context. Policies that reduce the who
 prompt mode) do not reuse entries: a reused prefix would have been reduced on its own.
 
 Compiled shapes are bounded: one prefill chunk shape ([prefill_batch, prefill_chunk]), one decode segment per
-attention width (one on CPU's blocked path; a few bucketed widths for the kernels), one first-token sampler, the
-fork / release helpers and, for TOVA, its prompt reduction. ``compiled_shapes`` lists them.
+(running sequences rounded up to a power of two: at most log2(max_seqs) + 2 sizes) x (attention width: one on
+CPU's blocked path, a few bucketed widths for the kernels), one first-token sampler, the fork / release helpers
+and, for TOVA, its prompt reduction. ``compiled_shapes`` lists them.
 """
 
 from __future__ import annotations
@@ -51,10 +57,10 @@ from flax import nnx, struct
 from dms_jax.config import check_int
 from dms_jax.serve.decode import _decode_step, seq_live_and_pages, step_reads
 from dms_jax.serve.engine import Engine, _finish_prefill_jit, _release_jit
-from dms_jax.serve.pages import (cond_without_pools, fork, free_pages, note_high_water, prefill_writable, release,
-                                 unshare, used_pages)
+from dms_jax.serve.pages import (cond_without_pools, fork, free_pages, note_high_water, prefill_writable, put_slots,
+                                 release, take_slots, unshare, used_pages)
 from dms_jax.serve.prefill import prefill_chunk
-from dms_jax.serve.requests import Completion, RequestError, TokenEvent, check_request
+from dms_jax.serve.requests import Completion, RequestError, TokenEvent, check_request, dense_pages
 from dms_jax.serve.sampling import SamplingConfig, sample_rows
 
 __all__ = ["Scheduler", "RequestError", "TokenEvent", "Completion"]
@@ -120,11 +126,13 @@ def _fork_for_prefill(cache, src, dst, *, page_size, anywhere):
 
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",
                                              "interpret", "block_tokens", "steps"), donate_argnames=("cache",))
-def _segment(layer_gd, layer_params, outer_gd, outer_params, cache, b: _Batch, *, spec, policy, width, backend,
-             interpret, block_tokens, steps):
-    """Up to ``steps`` decode steps of the running slots, each with its own sampling, stop ids and length limit;
-    a finished sequence frees its pages at once unless it is kept."""
+def _segment(layer_gd, layer_params, outer_gd, outer_params, cache, slots, b: _Batch, *, spec, policy, width,
+             backend, interpret, block_tokens, steps):
+    """Up to ``steps`` decode steps of the sequences in ``slots`` (``b``'s rows; ``spec.max_seqs`` of them), each
+    with its own sampling, stop ids and length limit; a finished sequence frees its pages at once unless it is
+    kept."""
     outer = nnx.merge(outer_gd, outer_params)
+    full, cache = cache, take_slots(cache, slots)
     ps = spec.page_size
 
     def cond(carry):
@@ -154,7 +162,8 @@ def _segment(layer_gd, layer_params, outer_gd, outer_params, cache, b: _Batch, *
             step=b.step + 1, error=b.error | info.error)
         return cache, b
 
-    return jax.lax.while_loop(cond, body, (cache, b))
+    cache, b = jax.lax.while_loop(cond, body, (cache, b))
+    return put_slots(full, cache, slots), b
 
 
 class Scheduler:
@@ -164,11 +173,13 @@ class Scheduler:
     sequence may reach (prompt + answer). budget_pages: the pool (None: the engine's, else every slot dense).
     prefill_batch: prompts advanced per prefill chunk. segment_steps: decode steps per iteration (lower: tokens
     stream out sooner; higher: less host overhead). prefix_cache: keep finished sequences for reuse.
-    max_stop_ids: stop ids a request may give (a static shape).
+    max_stop_ids: stop ids a request may give (a static shape). reserve_dense: admit a request only when every
+    admitted request's dense length fits the pool (None: when the policy evicts nothing; module docstring).
     """
 
     def __init__(self, engine: Engine, *, max_seqs: int = 8, context: int | None = None, budget_pages=None,
-                 prefill_batch: int = 2, segment_steps: int = 8, prefix_cache: bool = True, max_stop_ids: int = 8):
+                 prefill_batch: int = 2, segment_steps: int = 8, prefix_cache: bool = True, max_stop_ids: int = 8,
+                 reserve_dense: bool | None = None):
         for name, v in (("max_seqs", max_seqs), ("prefill_batch", prefill_batch),
                         ("segment_steps", segment_steps), ("max_stop_ids", max_stop_ids)):
             check_int(name, v)
@@ -182,6 +193,7 @@ class Scheduler:
         self.cache = engine.new_cache(self.spec)
         self.prefill_batch, self.segment_steps, self.max_stop_ids = prefill_batch, segment_steps, max_stop_ids
         self.reuse = prefix_cache and not self.policy.reduces_whole_prompt
+        self.reserve_dense = (not self.policy.evicts) if reserve_dense is None else bool(reserve_dense)
         lh = self.spec.num_layers * self.spec.num_kv_heads
         self.lh = lh
         # Pages one chunk of one prompt may take: every head appends every token (plus a partly filled page).
@@ -268,6 +280,7 @@ class Scheduler:
         if self._prefilling:
             self._prefill_step()
         if self._running:
+            self._pages_for_chunks(0)  # idle cache entries give way before a running sequence is preempted
             self._decode_step()
         self.counters["iterations"] += 1
 
@@ -356,6 +369,14 @@ class Scheduler:
         copy-on-write of a shared page may add one)."""
         return len(self._running) * self.lh * (-(-self.segment_steps // self.spec.page_size) + 1)
 
+    def _dense_pages(self, num_tokens: int) -> int:
+        return dense_pages(num_tokens, self.lh, self.spec.page_size)
+
+    def _dense_fits(self, req: Completion) -> bool:
+        """Whether ``req`` and every admitted request fit the pool at their full dense lengths."""
+        admitted = self._prefilling + list(self._running.values()) + [req]
+        return sum(self._dense_pages(len(r.prompt) + r.max_new_tokens) for r in admitted) <= self.spec.num_pages
+
     def _pages_for_chunks(self, n_rows: int, extra: int = 0, keep: _Entry | None = None) -> bool:
         """Whether ``n_rows`` more prompt chunks (and ``extra`` pages) fit beside the decode reserve, dropping cache
         entries (but ``keep``) to make room if needed."""
@@ -377,7 +398,11 @@ class Scheduler:
             entry = self._best_entry(req.context) if self.reuse else None
             copies = 0 if entry is None else int(_writable_count(self.cache, entry.slot, page_size=ps,
                                                                  anywhere=anywhere))
-            if not self._pages_for_chunks(len(self._prefilling) + 1, copies, keep=entry):
+            if self.reserve_dense and not self._dense_fits(req):
+                return
+            # A preempted request comes back only once its whole context fits (dense, the worst case).
+            extra = copies + (self._dense_pages(len(req.context)) if req.preemptions else 0)
+            if not self._pages_for_chunks(len(self._prefilling) + 1, extra, keep=entry):
                 return
             slot = self._take_slot(spare=entry)
             if slot is None:
@@ -515,20 +540,27 @@ class Scheduler:
     # ----------------------------------------------------------------------------------------- decode
 
     def _decode_step(self) -> None:
-        """One jitted segment of every running sequence; their tokens, ends and preemptions."""
-        s, k, steps = self.spec.max_seqs, self.max_stop_ids, self.segment_steps
+        """One jitted segment of every running sequence; their tokens, ends and preemptions.
+
+        The segment runs on the running slots only, padded with the idle padding slot to a power of two (at most
+        ``max_seqs``): one compiled segment per such size, and a step of one sequence costs one row, not
+        ``max_seqs`` (the projections and MLP of every slot, running or not, made a lone sequence ~2x slower)."""
+        k, steps = self.max_stop_ids, self.segment_steps
         reqs = list(self._running.values())
+        s = min(1 << (len(reqs) - 1).bit_length(), self.max_seqs)
         rows = self._sampling_rows(reqs, len(reqs))
-        slots = np.asarray([r.slot for r in reqs])
+        slots = np.full(s, self.pad_slot, np.int32)
+        slots[:len(reqs)] = [r.slot for r in reqs]
+        at = np.arange(len(reqs))
 
         def per_slot(values, dtype, fill=0):
             a = np.full(s, fill, dtype)
-            a[slots] = values
+            a[at] = values
             return jnp.asarray(a)
 
         stop = np.full((s, k), -1, np.int32)
-        for r in reqs:
-            stop[r.slot, :len(r.stop_ids)] = r.stop_ids
+        for i, r in enumerate(reqs):
+            stop[i, :len(r.stop_ids)] = r.stop_ids
         zeros = jnp.zeros(s, jnp.int32)
         b = _Batch(
             tok=per_slot([r.tokens[-1] for r in reqs], np.int32), running=per_slot(True, bool, False),
@@ -541,17 +573,17 @@ class Scheduler:
             step=jnp.zeros((), jnp.int32), error=jnp.zeros((), bool))
         e = self.engine
         width = e.decode_width(self.cache, self.spec, steps)
-        self._shapes.add(("segment", width, steps))
-        self.cache, b = _segment(e._layer_gd, e._layer_list, e._outer_gd, e._outer_params, self.cache, b,
-                                 spec=self.spec, policy=self.policy, width=width, backend=e.backend,
-                                 interpret=e.interpret, block_tokens=e.block_tokens, steps=steps)
+        self._shapes.add(("segment", s, width, steps))
+        self.cache, b = _segment(e._layer_gd, e._layer_list, e._outer_gd, e._outer_params, self.cache,
+                                 jnp.asarray(slots), b, spec=dataclasses.replace(self.spec, max_seqs=s),
+                                 policy=self.policy, width=width, backend=e.backend, interpret=e.interpret,
+                                 block_tokens=e.block_tokens, steps=steps)
         if bool(b.error):
             raise RuntimeError("internal error: a decode step handed out more pages than were free after preemption")
         out, n_new, finished, stopped, preempted, final_live, reads = (np.asarray(x) for x in (
             b.out, b.n_new, b.finished, b.stopped, b.preempted, b.final_live, b.reads))
         now = time.time()
-        for req in reqs:
-            i = req.slot
+        for i, req in enumerate(reqs):
             new = out[i, :n_new[i]].tolist()
             req.tokens.extend(new)
             req.first_token_at = req.first_token_at or now
