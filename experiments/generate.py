@@ -75,17 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    """Runs the CLI; returns the decoded answers (one per prompt, or per chain: prompt-major)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
+def _load(args, parser):
+    """The model, its tokenizer, the encoded prompts and the stop ids; bad flags end in parser.error."""
     from dms_jax import weights
     from dms_jax.chat import chat_prompt
-    from dms_jax.serve.reference import generate
-    from dms_jax.serve.sampling import SamplingConfig
 
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     try:
         t0 = time.perf_counter()
         model = weights.load_model(args.model)
@@ -95,7 +89,13 @@ def main(argv: list[str] | None = None) -> list[str]:
               file=sys.stderr)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-
+    if args.dms and args.dmc:
+        parser.error("--dms and --dmc exclude each other (a model compresses with one of them)")
+    for flag, settings, kind in (("dms", model.dms_cfg, "a retrofitted checkpoint"),
+                                 ("dmc", model.dmc_cfg, "a DMC checkpoint")):
+        if getattr(args, flag) and settings is None:
+            parser.error(f"--{flag} needs a model with {flag.upper()} settings ({kind}); "
+                         f"{args.model or 'the default model'} has none")
     if args.no_chat:
         prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
     else:
@@ -103,16 +103,29 @@ def main(argv: list[str] | None = None) -> list[str]:
     stop = list(model.cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
         stop.append(tokenizer.eos_token_id)
+    return model, tokenizer, prompts, stop
 
+
+def _engine_notes(result, run: int) -> list[str]:
+    """Prints the engine's pool figures for one run; returns each answer's compression note."""
+    policy = " ".join(f"{k}={v}" for k, v in result.policy.items())
+    print(f"[run {run + 1}] {policy}: KV pool high-water {result.pool_high_water_pages} pages "
+          f"({result.pool_high_water_bytes / 2**20:.1f} MiB) of {result.budget_pages}", file=sys.stderr)
+    return [f", compression {r.metrics.compression_ratio:.2f}x, KV reads {r.metrics.kv_token_reads}"
+            + (", PREEMPTED: the page budget ran out" if r.status == "preempted" else "") for r in result.requests]
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """Runs the CLI; returns the decoded answers (one per prompt, or per chain: prompt-major)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from dms_jax.serve.reference import generate
+    from dms_jax.serve.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    model, tokenizer, prompts, stop = _load(args, parser)
     use_engine = args.dms or args.dmc or args.chains > 1 or args.budget_pages is not None
-    if args.dms and args.dmc:
-        parser.error("--dms and --dmc exclude each other (a model compresses with one of them)")
-    if args.dms and model.dms_cfg is None:
-        parser.error(f"--dms needs a model with DMS settings (a retrofitted checkpoint); "
-                     f"{args.model or 'the default model'} has none")
-    if args.dmc and model.dmc_cfg is None:
-        parser.error(f"--dmc needs a model with DMC settings (a DMC checkpoint); "
-                     f"{args.model or 'the default model'} has none")
     if use_engine:
         from dms_jax.serve.engine import Engine
 
@@ -137,13 +150,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         print(f"[run {run + 1}] {n_new} new tokens for {len(prompts)} prompt(s) in {seconds:.2f} s: "
               f"{n_new / seconds:.1f} tokens/s{note}", file=sys.stderr)
         if use_engine:
-            policy = " ".join(f"{k}={v}" for k, v in result.policy.items())
-            print(f"[run {run + 1}] {policy}: KV pool high-water {result.pool_high_water_pages} pages "
-                  f"({result.pool_high_water_bytes / 2**20:.1f} MiB) of {result.budget_pages}", file=sys.stderr)
-            for i, r in enumerate(result.requests):
-                m = r.metrics
-                notes[i] = (f", compression {m.compression_ratio:.2f}x, KV reads {m.kv_token_reads}"
-                            + (", PREEMPTED: the page budget ran out" if r.status == "preempted" else ""))
+            notes = _engine_notes(result, run)
 
     answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     for i, (answer, ids) in enumerate(zip(answers, outputs)):
