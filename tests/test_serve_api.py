@@ -165,3 +165,16 @@ def test_disconnect_mid_stream_frees_the_pages(server):
     assert _metric(server, "running") == 0 and _metric(server, "pages_used") == 0
     assert _metric(server, "cancelled_total") >= 1
     assert np.isfinite(_metric(server, "tokens_per_s"))
+
+
+def test_mixed_load_loses_corrupts_and_leaks_nothing(server):
+    """The load test's library (dms_jax.eval.serve_load, behind benchmarks/load_test_serve.py) on this server: a
+    mix of completions, streamed chats, abandoned streams and invalid requests from 6 clients at once."""
+    from dms_jax.eval.serve_load import make_requests, run_load, tally
+
+    reqs = make_requests(18, CONTEXT, seed=3, model=MODEL, max_chars=120)
+    assert {r["kind"] for r in reqs} == {"completion", "chat_stream", "abandon", "invalid"}
+    run = run_load(server, reqs, clients=6, timeout=300)
+    assert tally(reqs, run["loaded"], run["alone"]) == {"lost": 0, "hung": 0, "corrupted": 0, "bad_errors": 0}
+    assert run["pages_leaked"] == 0
+
