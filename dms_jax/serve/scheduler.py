@@ -21,9 +21,10 @@ half-finished sequences that preempt each other over and over (bench_serve's van
 144 preemptions for 16 requests). A sequence that finishes (a stop id, its ``max_new_tokens``, or a
 cancellation) frees its pages at once. When a decode step does not fit, cache entries are dropped first; then the
 newest running requests by arrival are preempted (``pages.select_preemptions`` with their arrival rank) and later
-re-admitted ahead of newer arrivals, once the pool holds their whole context again (not just one chunk, which
-would preempt them anew): they prefill their prompt and what they had generated, and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone, so its
-output does not depend on its neighbours, on preemptions or on the batch it ran in.
+re-admitted ahead of newer arrivals, once the pool holds their whole context again or nothing else runs (not as
+soon as one chunk fits, which would preempt them anew): they prefill their prompt and what they had generated,
+and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone, so its output
+does not depend on its neighbours, on preemptions or on the batch it ran in.
 
 Multi-turn and shared prefixes: with ``prefix_cache`` a finished sequence keeps its pages as a cache entry (its
 cached tokens: the prompt and all generated tokens but the last, which no forward has fed). A new request whose
@@ -400,8 +401,10 @@ class Scheduler:
                                                                  anywhere=anywhere))
             if self.reserve_dense and not self._dense_fits(req):
                 return
-            # A preempted request comes back only once its whole context fits (dense, the worst case).
-            extra = copies + (self._dense_pages(len(req.context)) if req.preemptions else 0)
+            # A preempted request comes back once its whole context fits (dense, the worst case), or once nothing
+            # else holds the pool (a context denser than the whole pool must not wait forever).
+            busy = req.preemptions and (self._running or self._prefilling)
+            extra = copies + (self._dense_pages(len(req.context)) if busy else 0)
             if not self._pages_for_chunks(len(self._prefilling) + 1, extra, keep=entry):
                 return
             slot = self._take_slot(spare=entry)
