@@ -3,11 +3,14 @@ Engine.generate (an independent path: one batch, empty cache, its own prefill an
 
 - staggered arrivals, a pool that admits only some requests at once, and a pool so small that running requests
   are preempted and recomputed: every greedy output equals the request alone, and no page is left at the end;
+  vanilla by default admits by whole dense lengths and never preempts; idle cache entries are dropped before a
+  running sequence is preempted;
 - sampled requests give the same tokens alone and among neighbours (a key per request and token);
 - a conversation's next turn, prefilled into its kept slot, equals the whole conversation prefilled at once, for
   vanilla, DMS and DMC; a pinned prefix is prefilled once and forked copy-on-write;
 - streaming events add up to the result; cancellation frees pages; bad requests name their field;
-- the compiled shapes stay bounded whatever the prompt lengths.
+- the compiled shapes stay bounded whatever the prompt lengths (decode segments: one per power-of-two count of
+  running sequences).
 """
 
 import sys
