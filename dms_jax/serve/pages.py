@@ -147,6 +147,18 @@ def unshare(cache: PagedCache, slot: Array, writable: Array) -> PagedCache:
                          block_tables=cache.block_tables.at[:, slot].set(jnp.where(shared, ids, tables)))
 
 
+# The per-sequence fields of a PagedCache: (slot axis, value of an empty slot). policy_state's leaves have their
+# slot on axis 1 and are empty at 0; the pools and the refcounts are shared by every sequence.
+_SLOT_FIELDS = dict(block_tables=(1, SINK_PAGE), lengths=(1, 0), ring_slot=(1, 0), ring_dec=(1, False),
+                    num_tokens=(0, 0))
+
+
+def _map_slot_fields(cache: PagedCache, fn) -> PagedCache:
+    """``cache`` with ``fn(x, axis, fill)`` applied to every per-sequence field and policy_state leaf."""
+    fields = {name: fn(getattr(cache, name), axis, fill) for name, (axis, fill) in _SLOT_FIELDS.items()}
+    return cache.replace(policy_state=state_rows(cache.policy_state, lambda x: fn(x, 1, 0)), **fields)
+
+
 def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
     """The same pool with ``max_seqs`` sequence slots: existing slots keep their index, new ones are empty.
     Dropped slots must be empty (released). Use with ``dataclasses.replace(spec, max_seqs=...)``."""
@@ -161,24 +173,14 @@ def resize_slots(cache: PagedCache, max_seqs: int) -> PagedCache:
         pad[axis] = (0, max_seqs - s)
         return jnp.pad(x, pad, constant_values=fill)
 
-    return cache.replace(
-        block_tables=fit(cache.block_tables, 1, SINK_PAGE), lengths=fit(cache.lengths, 1, 0),
-        ring_slot=fit(cache.ring_slot, 1, 0), ring_dec=fit(cache.ring_dec, 1, False),
-        num_tokens=fit(cache.num_tokens, 0, 0),
-        policy_state=state_rows(cache.policy_state, lambda x: fit(x, 1, 0)))
-
-
-# The per-sequence fields of a PagedCache and their slot axis (policy_state's leaves: axis 1); the pools and the
-# refcounts are shared by every sequence.
-_SLOT_AXIS = dict(block_tables=1, lengths=1, ring_slot=1, ring_dec=1, num_tokens=0)
+    return _map_slot_fields(cache, fit)
 
 
 def take_slots(cache: PagedCache, slots: Array) -> PagedCache:
     """A cache whose sequence ``i`` is ``cache``'s sequence ``slots[i]``, over the same pool: a decode step of a
     few running sequences then costs what they need, not what every slot would. Write it back with
     ``put_slots``; a slot may repeat only if the step leaves it unchanged (an idle padding slot)."""
-    fields = {name: jnp.take(getattr(cache, name), slots, axis=axis) for name, axis in _SLOT_AXIS.items()}
-    return cache.replace(policy_state=state_rows(cache.policy_state, lambda x: jnp.take(x, slots, axis=1)), **fields)
+    return _map_slot_fields(cache, lambda x, axis, fill: jnp.take(x, slots, axis=axis))
 
 
 def put_slots(cache: PagedCache, sub: PagedCache, slots: Array) -> PagedCache:
@@ -187,7 +189,7 @@ def put_slots(cache: PagedCache, sub: PagedCache, slots: Array) -> PagedCache:
     def put(x, y, axis):
         return x.at[(slice(None),) * axis + (slots,)].set(y)
 
-    fields = {name: put(getattr(cache, name), getattr(sub, name), axis) for name, axis in _SLOT_AXIS.items()}
+    fields = {name: put(getattr(cache, name), getattr(sub, name), axis) for name, (axis, _) in _SLOT_FIELDS.items()}
     state = None if cache.policy_state is None else jax.tree.map(lambda x, y: put(x, y, 1), cache.policy_state,
                                                                   sub.policy_state)
     return sub.replace(policy_state=state, **fields)
