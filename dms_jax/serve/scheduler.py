@@ -11,20 +11,20 @@ jitted decode segment of ``segment_steps`` steps for every running sequence, the
 tokens (``on_event``). Prefill and decode thus interleave: a long prompt never stalls the running sequences for
 more than one chunk.
 
-Memory is what the sequences really hold. A request is admitted when the pool has the pages its next chunk can
-take (every head appending every token, in the worst case) on top of a reserve for the running sequences' next
-segment. With an evicting policy its whole dense length is never reserved, so a DMS model admits as many requests
-as its live entries allow. A policy that evicts nothing (vanilla, Quest) knows what each request will hold -- its
-dense length, prompt + ``max_new_tokens`` -- so by default (``reserve_dense``) it admits a request only when the
-dense lengths of all admitted requests fit the pool: admitting on the next chunk alone would fill the pool with
-half-finished sequences that preempt each other over and over (bench_serve's vanilla run, before this rule:
-144 preemptions for 16 requests). A sequence that finishes (a stop id, its ``max_new_tokens``, or a
-cancellation) frees its pages at once. When a decode step does not fit, cache entries are dropped first; then the
-newest running requests by arrival are preempted (``pages.select_preemptions`` with their arrival rank) and later
-re-admitted ahead of newer arrivals, once the pool holds their whole context again or nothing else runs (not as
-soon as one chunk fits, which would preempt them anew): they prefill their prompt and what they had generated,
-and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone, so its output
-does not depend on its neighbours, on preemptions or on the batch it ran in.
+Memory is what the sequences really hold. A request is admitted when the pool has the pages its next chunk can take
+(every head appending every token, in the worst case) on top of a reserve for the running sequences' next segment.
+With an evicting policy its whole dense length is never reserved, so a DMS model admits as many requests as its live
+entries allow. A policy that evicts nothing (vanilla, Quest) knows what each request will hold -- its dense length,
+prompt + ``max_new_tokens`` -- so by default (``reserve_dense``) it admits a request only when the dense lengths of
+all admitted requests fit the pool: admitting on the next chunk alone would fill the pool with half-finished
+sequences that preempt each other over and over (bench_serve's vanilla run, before this rule: 144 preemptions for 16
+requests, docs/results/serve_before_scheduler_fixes.json). A sequence that finishes (a stop id, its
+``max_new_tokens``, or a cancellation) frees its pages at once. When a decode step does not fit, cache entries are
+dropped first; then the newest running requests by arrival are preempted (``pages.select_preemptions`` with their
+arrival rank) and later re-admitted ahead of newer arrivals, once the pool holds their whole context again or
+nothing else runs (not as soon as one chunk fits, which would preempt them anew): they prefill their prompt and what
+they had generated, and go on. Token ``n`` of a request is sampled with the key ``(seed, n)`` of that request alone,
+so its output does not depend on its neighbours, on preemptions or on the batch it ran in.
 
 Multi-turn and shared prefixes: with ``prefix_cache`` a finished sequence keeps its pages as a cache entry (its
 cached tokens: the prompt and all generated tokens but the last, which no forward has fed). A new request whose
@@ -547,7 +547,7 @@ class Scheduler:
 
         The segment runs on the running slots only, padded with the idle padding slot to a power of two (at most
         ``max_seqs``): one compiled segment per such size, and a step of one sequence costs one row, not
-        ``max_seqs`` (the projections and MLP of every slot, running or not, made a lone sequence ~2x slower)."""
+        ``max_seqs`` (before, a lone sequence paid for the projections and MLP of every slot, running or not)."""
         k, steps = self.max_stop_ids, self.segment_steps
         reqs = list(self._running.values())
         s = min(1 << (len(reqs) - 1).bit_length(), self.max_seqs)
