@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dms_jax.serve.pages import allocate, bucket, free_pages, put_slots, select_preemptions, take_slots, used_pages
-from dms_jax.serve.spec import CacheSpec, init_cache
+from dms_jax.serve.pages import (allocate, balanced_free_pages, bucket, free_pages, put_slots, select_preemptions,
+                                 take_slots, used_pages)
+from dms_jax.serve.spec import CacheSpec, check_invariants, init_cache
 
 D = 4
 
@@ -24,6 +25,73 @@ def test_allocate_distinct_free_pages_never_the_sink():
     assert np.asarray(ids).tolist() == [[1, 0], [3, 4]]
     assert np.asarray(rc2).tolist() == [1, 1, 2, 1, 1, 1, 0]
     assert int(free_pages(rc2)) == 1 and int(used_pages(rc2)) == 5
+
+
+def _allocate_reference(rc, need, groups, head_axis):
+    """Plain numpy: entry by entry in flattened order, the lowest free page of the entry's head group's share."""
+    rc = rc.copy()
+    h = need.shape[head_axis]
+    heads = np.broadcast_to(np.moveaxis(np.arange(h).reshape((h,) + (1,) * (need.ndim - 1)), 0, head_axis),
+                            need.shape).reshape(-1)
+    share = len(rc) // groups
+    ids = np.zeros(need.size, np.int64)
+    for i, want in enumerate(need.reshape(-1)):
+        if want:
+            g = heads[i] // (h // groups)
+            page = next(p for p in range(g * share, (g + 1) * share) if rc[p] == 0)
+            ids[i], rc[page] = page, 1
+    return ids.reshape(need.shape), rc
+
+
+@pytest.mark.parametrize("groups, head_axis", [(1, -1), (2, -1), (2, 1), (4, 0)])
+def test_allocate_by_head_group_matches_numpy(groups, head_axis):
+    """Each entry gets a free page from its KV-head group's share of the pool (fresh random pools and requests)."""
+    rng = np.random.default_rng(groups * 10 + head_axis)
+    share = 9
+    rc = (rng.random(groups * share) < 0.4).astype(np.int32) * rng.integers(1, 3, size=groups * share)
+    rc[np.arange(groups) * share] = 1  # the sinks
+    shape = [3, 4, 4] if head_axis != 0 else [4, 3, 2]
+    need = rng.random(shape) < 0.25
+    while True:  # keep the request within every group's free pages, as callers do
+        per_group = np.moveaxis(need, head_axis, -1).reshape(-1, groups, shape[head_axis] // groups).sum((0, 2))
+        if (per_group <= (rc.reshape(groups, share) == 0).sum(1)).all():
+            break
+        need[tuple(rng.integers(0, n) for n in shape)] = False
+    ids, rc2 = allocate(jnp.asarray(rc), jnp.asarray(need), groups, head_axis)
+    want_ids, want_rc = _allocate_reference(rc, need, groups, head_axis)
+    np.testing.assert_array_equal(np.where(need, np.asarray(ids), 0), want_ids)
+    np.testing.assert_array_equal(np.asarray(rc2), want_rc)
+    assert int(used_pages(rc2, groups)) == int((want_rc > 0).sum()) - groups
+    assert int(balanced_free_pages(rc2, groups)) == groups * (want_rc.reshape(groups, -1) == 0).sum(1).min()
+
+
+@pytest.mark.parametrize("need, freeable, cand, free, want", [
+    ([[1, 0], [0, 1], [1, 0]], [[0, 0]] * 3, [1, 1, 1], [2, 1], [0, 0, 0]),  # every group fits
+    ([[1, 0], [0, 1], [1, 0]], [[0, 0]] * 3, [1, 1, 1], [1, 5], [0, 0, 1]),  # group 0 is short: drop the last
+    # group 1 is short and only the first asks there: the others, which ask or free in group 0 only, stay (pooled
+    # totals would preempt only the last, which frees 3 pages, all of them in group 0)
+    ([[0, 2], [1, 0], [0, 0]], [[0, 0], [0, 0], [3, 0]], [1, 1, 1], [1, 0], [1, 0, 0]),
+    ([[0, 2], [1, 0], [0, 0]], [[0, 0], [0, 0], [3, 0]], [1, 1, 1], [1, 2], [0, 0, 0]),
+])
+def test_select_preemptions_per_group(need, freeable, cand, free, want):
+    got = select_preemptions(jnp.asarray(need), jnp.asarray(freeable), jnp.asarray(cand, bool), jnp.asarray(free))
+    assert np.asarray(got).astype(int).tolist() == want
+
+
+def test_grouped_spec_sinks_and_errors():
+    spec = CacheSpec.create(num_layers=2, num_kv_heads=4, head_dim=D, max_seqs=2, max_context=32, window=3,
+                            page_size=4, num_pages=40, kv_groups=2)
+    assert spec.pool_pages == 42 and spec.sink_pages.tolist() == [0, 21]
+    cache = init_cache(spec)
+    assert cache.kv_groups == 2 and check_invariants(cache, spec)["used_pages"] == 0
+    # a head that holds a page of the other group's share is caught
+    bad = cache.replace(block_tables=cache.block_tables.at[0, 0, 0, 0].set(30),
+                        lengths=cache.lengths.at[0, 0, 0].set(1), refcount=cache.refcount.at[30].set(1))
+    with pytest.raises(AssertionError, match="another group"):
+        check_invariants(bad, spec)
+    with pytest.raises(ValueError, match=r"kv_groups \(3\) must divide num_kv_heads \(4\)"):
+        CacheSpec.create(num_layers=2, num_kv_heads=4, head_dim=D, max_seqs=2, max_context=32, window=3,
+                         num_pages=42, kv_groups=3)
 
 
 @pytest.mark.parametrize("need, freeable, cand, free, want", [

@@ -4,6 +4,8 @@ Layout (each module imports only modules listed before it; none imports dms_jax.
 experiments):
 
 * ``spec.py`` -- ``CacheSpec``, ``PagedCache``, ``init_cache``, the sink page, host-side invariant checks;
+* ``tensor_parallel.py`` -- KV heads across the devices of a mesh's "tensor" axis: weight and cache layout, each
+  device's reads of its own share of the pool;
 * ``pages.py`` -- page accounting: allocation, release, copy-on-write forks, preemption choices, page copies;
 * ``policies.py`` -- ``EvictionPolicy`` and the built-in policies (vanilla, dms, fixed, dmc);
 * ``plans.py`` -- where tokens go: decode and chunk plans, cached-slot visibility, DMC merge-or-append slots;
@@ -17,7 +19,8 @@ experiments):
 * ``requests.py``, ``scheduler.py`` -- ``Scheduler``: continuous batching of requests over one pool (arrivals at
   any time, admission by real pages, preemption and recompute, multi-turn and prefix reuse), ``RequestError``,
   ``TokenEvent``, ``Completion``;
-* ``replicas.py`` -- ``ReplicatedEngine``: data-parallel replicas, one engine (weights and pool) per device;
+* ``replicas.py`` -- ``ReplicatedEngine``: data-parallel replicas, one engine (weights and pool) per device, or
+  one tensor-parallel engine per row of a (data, tensor) mesh;
 * ``reference.py`` -- the dense-cache reference generator (``generate``, ``generate_dmc``, ``left_pad``).
 
 The blocked XLA attention the engine uses on CPU lives with the kernels: ``pallas_kernels/xla_blocked.py``.

@@ -69,6 +69,7 @@ from dms_jax.serve.pages import pages_for, write_rows
 from dms_jax.serve.plans import plan_chunk_explicit
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.spec import SINK_PAGE, CacheSpec, PagedCache
+from dms_jax.serve.tensor_parallel import over_kv_heads
 from pallas_kernels.kv_codec import decode_rows
 
 Array = jax.Array
@@ -85,12 +86,14 @@ def budget_for_ratio(context_tokens: int, ratio: float) -> int:
 
 def gather_keys(k_pages: Array, block_tables: Array, width_pages: int) -> Array:
     """``[B, H, width_pages * page_size, D]`` f32: the keys in the first ``width_pages`` table entries of each
-    head (an int8 pool's rows dequantised)."""
-    n_pages, ps, rw = k_pages.shape
-    b, h = block_tables.shape[:2]
-    idx = block_tables[..., :width_pages]
-    rows = k_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, width_pages * ps, rw)
-    return decode_rows(rows)
+    head (an int8 pool's rows dequantised); each device gathers its own heads under a tensor-parallel mesh."""
+
+    def gather(k_pages, idx):
+        n_pages, ps, rw = k_pages.shape
+        b, h = idx.shape[:2]
+        return decode_rows(k_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, width_pages * ps, rw))
+
+    return over_kv_heads(gather, (k_pages,), block_tables[..., :width_pages], (), out_axis=1)
 
 
 def group_probs(scores: Array, valid: Array) -> Array:

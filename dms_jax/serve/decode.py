@@ -32,8 +32,8 @@ from flax import nnx, struct
 from dms_jax import dmc
 from dms_jax.model import apply_rope, rope_cos_sin
 from dms_jax.serve.layers import over_layers
-from dms_jax.serve.pages import (compact_selected_pages, compacted_slot, cond_without_pools, copy_pages,
-                                 exclusive_pages, free_pages, note_high_water, pages_for, release,
+from dms_jax.serve.pages import (by_group, compact_selected_pages, compacted_slot, cond_without_pools, copy_pages,
+                                 exclusive_pages, fits, group_free_pages, note_high_water, pages_for, release,
                                  select_preemptions, without_pools, write_kv)
 from dms_jax.serve.plans import apply_decode_plan, dmc_decode_slots, plan_decode, set_previous_decision
 from dms_jax.serve.sampling import sample_next
@@ -182,7 +182,7 @@ def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, sp
             cos, sin = rope_cos_sin(layer.self_attn.cfg, positions)
             state_k = dmc.scale_borrowed_neurons(apply_rope(state_k[:, None], cos, sin), 0.0)[:, 0]
             refcount2, tables2, lengths2, page, off, cow = dmc_decode_slots(refcount, tables, lengths, merge,
-                                                                            active, ps)
+                                                                            active, ps, spec.kv_groups)
             q = p.q[:, 0].reshape(s, hkv, -1, d)
             if deferred:
                 out, kp, vp = paged_attention_blocked(
@@ -216,14 +216,14 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
                  on_exhaustion, block_tokens=None, preempt_rank=None):
     """Plans the step, handles pool exhaustion, runs the forward. Returns (logits [S, V], cache, _StepInfo).
     preempt_rank [S]: who goes first when the pool runs short (``pages.select_preemptions``; default the slot)."""
-    ps = spec.page_size
+    ps, groups = spec.page_size, spec.kv_groups
     plan = plan_decode(cache, spec, active, policy)
-    need_seq = jnp.sum(plan.need, axis=(0, 2), dtype=jnp.int32)
+    need_seq = by_group(jnp.sum(plan.need, axis=0), groups)  # [S, groups]: pages each sequence asks for per group
     total = jnp.sum(need_seq)
-    n_free = free_pages(cache.refcount)
-    short = total > n_free
-    freeable = jax.lax.cond(short, lambda c: exclusive_pages(c, ps), lambda c: jnp.zeros_like(need_seq),
-                            without_pools(cache))
+    n_free = group_free_pages(cache.refcount, groups)
+    short = jnp.any(jnp.sum(need_seq, axis=0) > n_free)
+    freeable = jax.lax.cond(short, lambda c: exclusive_pages(c, ps, by_groups=True),
+                            lambda c: jnp.zeros_like(need_seq), without_pools(cache))
     pre = select_preemptions(need_seq, freeable, active, n_free, preempt_rank)
     vocab = outer.embed_tokens.num_embeddings
     if on_exhaustion == "error":
@@ -245,10 +245,10 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
     else:
         cache = cond_without_pools(jnp.any(pre), lambda c: release(c, pre, ps), cache)
         # After the preemptions the requests fit; if they did not (a bookkeeping bug) the host raises.
-        error = jnp.sum(plan_decode(cache, spec, active & ~pre, policy).need) > free_pages(cache.refcount)
+        error = ~fits(plan_decode(cache, spec, active & ~pre, policy).need, cache.refcount, groups)
         logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~pre, spec, policy,
                                         width, backend, interpret, block_tokens)
-    return logits, cache, _StepInfo(preempted=pre, error=error, need=total, free=n_free)
+    return logits, cache, _StepInfo(preempted=pre, error=error, need=total, free=jnp.sum(n_free))
 
 
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",

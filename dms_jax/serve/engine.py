@@ -58,6 +58,7 @@ from dms_jax.serve.registry import make_policy
 from dms_jax.serve.results import DecodeOutput, GenerationResult, PoolExhaustedError, RequestMetrics, RequestResult
 from dms_jax.serve.sampling import SamplingConfig
 from dms_jax.serve.spec import CacheSpec, PagedCache, init_cache
+from dms_jax.serve.tensor_parallel import check_mesh, place_cache, place_model, under_mesh
 from pallas_kernels._common import BACKENDS, resolve_backend
 from pallas_kernels.kv_codec import is_quantized
 
@@ -121,7 +122,8 @@ class Engine:
     storage, one of CACHE_DTYPES (default: the model's compute dtype; "int8": per-token, per-head scaled rows,
     ``pallas_kernels.kv_codec``, with any policy, on the XLA attention paths). attention_block_tokens: cached
     tokens per block of the blocked XLA attention (default: 512 in prefill, ~0.5 MB of K+V (at least 256 tokens)
-    per block in decode).
+    per block in decode). mesh: a ``jax.sharding.Mesh`` whose devices are all on its "tensor" axis: tensor
+    parallelism over KV heads (``tensor_parallel.py``; each device holds ``budget_pages / T`` pages).
 
     The model's weights are captured at construction (layers stacked for the scan, plus a transposed copy of a tied
     embedding); build a new Engine after changing them.
@@ -130,7 +132,7 @@ class Engine:
     def __init__(self, model: CausalLM, policy: str | EvictionPolicy = "vanilla", *, budget_pages=None,
                  page_size: int = 16, prefill_chunk: int = 256, attention_backend: str = "auto",
                  interpret: bool | None = None, on_exhaustion: str = "preempt", segment_steps: int = 32,
-                 cache_dtype=None, attention_block_tokens: int | None = None, **policy_kw):
+                 cache_dtype=None, attention_block_tokens: int | None = None, mesh=None, **policy_kw):
         check_int("page_size", page_size)
         check_int("prefill_chunk", prefill_chunk)
         check_int("segment_steps", segment_steps)
@@ -171,6 +173,15 @@ class Engine:
             raise ValueError(f"cache_dtype='int8' needs attention_backend 'xla_blocked' or 'xla' (the Pallas kernels "
                              f"do not dequantise yet), got attention_backend={attention_backend!r} "
                              f"(resolved: {self.backend!r})")
+        self.mesh = mesh
+        self.kv_groups = 1
+        if mesh is not None:  # tensor parallel over KV heads (tensor_parallel.py)
+            self.kv_groups = check_mesh(mesh, self.cfg.num_kv_heads)
+            if self.backend not in ("xla_blocked", "xla"):
+                raise ValueError(f"a mesh needs attention_backend 'xla_blocked' or 'xla' (the Pallas kernels are not "
+                                 f"partitioned over KV heads yet), got {attention_backend!r} (resolved: "
+                                 f"{self.backend!r})")
+            model = place_model(model, mesh)
         (self._layer_gd, self._layer_params, self._layer_list, self._outer_gd,
          self._outer_params) = split_model(model)
 
@@ -181,10 +192,12 @@ class Engine:
         return CacheSpec.create(
             num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_seqs=max_seqs,
             max_context=max_context, window=self.policy.delay_window, page_size=self.page_size,
-            num_pages=budget_pages if budget_pages is not None else self.budget_pages, dtype=self.cache_dtype)
+            num_pages=budget_pages if budget_pages is not None else self.budget_pages, dtype=self.cache_dtype,
+            kv_groups=self.kv_groups)
 
     def new_cache(self, spec: CacheSpec) -> PagedCache:
-        return _init_jit(spec, self.policy)
+        cache = _init_jit(spec, self.policy)
+        return cache if self.mesh is None else place_cache(cache, self.mesh)
 
     def _check_tokens(self, seqs):
         vocab = self.cfg.vocab_size
@@ -192,6 +205,7 @@ class Engine:
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}")
 
+    @under_mesh
     def prefill(self, cache, spec, slots: Sequence[int], prompts: Sequence[Sequence[int]], *,
                 all_logits: bool = False):
         """Prefills ``prompts`` into empty sequence slots ``slots`` chunk by chunk.
@@ -275,6 +289,7 @@ class Engine:
         return min(max(bucket(held + -(-steps // spec.page_size) + 1, spec.max_pages_per_head),
                        MIN_WIDTH_PAGES), spec.max_pages_per_head)
 
+    @under_mesh
     def step(self, cache, spec, tokens, active=None):
         """One teacher-forced decode step: feeds ``tokens`` [S] to the ``active`` [S] sequences.
 
@@ -305,6 +320,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- generation
 
+    @under_mesh
     def decode(self, cache, spec, last_logits, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                stop_ids: Sequence[int] | None = None, seed: int = 0, running=None) -> "DecodeOutput":
         """Samples up to ``max_new_tokens`` tokens for every ``running`` [S] slot of a prefilled cache, starting
@@ -361,6 +377,7 @@ class Engine:
             peak_pages=np.asarray(st.peak_pages), forwards=steps, seconds=time.perf_counter() - t_start,
             segments=segments, cache=cache)
 
+    @under_mesh
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None, seed: int = 0,
                  chains: int = 1, context: int | None = None) -> GenerationResult:
@@ -413,7 +430,7 @@ class Engine:
         preempted = dec.preempted | np.repeat(failed, w)
         requests = _request_results(spec, prompts, owner, w, failed, prefill_reads, dec, preempted)
         hw = int(dec.cache.high_water)
-        leftover = int(used_pages(dec.cache.refcount))
+        leftover = int(used_pages(dec.cache.refcount, spec.kv_groups))
         return GenerationResult(
             requests=requests, policy=self.policy.describe(), page_size=spec.page_size, budget_pages=spec.num_pages,
             bytes_per_page=spec.bytes_per_page, pool_high_water_pages=hw,

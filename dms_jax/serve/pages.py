@@ -36,22 +36,60 @@ def free_pages(refcount: Array) -> Array:
     return jnp.sum(refcount == 0, dtype=jnp.int32)
 
 
-def used_pages(refcount: Array) -> Array:
-    """Pages in use, excluding the sink."""
-    return jnp.sum(refcount[1:] > 0, dtype=jnp.int32)
+def used_pages(refcount: Array, groups: int = 1) -> Array:
+    """Pages in use, excluding the sinks (one per KV-head group)."""
+    return jnp.sum(refcount > 0, dtype=jnp.int32) - groups
 
 
-def allocate(refcount: Array, need: Array) -> tuple[Array, Array]:
-    """Hands out one free page to every True entry of ``need`` (any shape), in flattened order.
+# KV-head groups (``CacheSpec.kv_groups``): the pool is split into ``groups`` equal shares, group g owning pages
+# [g * P / groups, (g + 1) * P / groups) with its own sink first (``CacheSpec.sink_pages``), and heads h of group h // (Hkv / groups) take
+# their pages only from their group's share. A tensor-parallel engine places each share on the device that holds
+# those heads. Every rule below reduces to the single pool's when groups == 1.
+
+
+def by_group(x: Array, groups: int, head_axis: int = -1) -> Array:
+    """Sums ``x`` (e.g. pages asked for) over the heads of each group: the head axis becomes a last axis
+    [groups]; everything else is kept."""
+    x = jnp.moveaxis(x.astype(jnp.int32), head_axis, -1)
+    return jnp.sum(x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups)), axis=-1, dtype=jnp.int32)
+
+
+def group_free_pages(refcount: Array, groups: int) -> Array:
+    """[groups] free pages in each group's share of the pool."""
+    return jnp.sum((refcount == 0).reshape(groups, -1), axis=-1, dtype=jnp.int32)
+
+
+def balanced_free_pages(refcount: Array, groups: int) -> Array:
+    """Free pages for a request that asks the same of every group (a chunk or a decode reserve, counted as every
+    head appending): groups x the fewest free in any group."""
+    return groups * jnp.min(group_free_pages(refcount, groups))
+
+
+def fits(need: Array, refcount: Array, groups: int, head_axis: int = -1) -> Array:
+    """[] bool: pages asked for per head (``need``, any shape with a head axis) fit every group's free pages."""
+    total = by_group(need, groups, head_axis).reshape(-1, groups).sum(0)
+    return jnp.all(total <= group_free_pages(refcount, groups))
+
+
+def allocate(refcount: Array, need: Array, groups: int = 1, head_axis: int = -1) -> tuple[Array, Array]:
+    """Hands out one free page to every True entry of ``need`` (any shape; ``head_axis`` its KV-head axis), in
+    flattened order, from the share of the pool of each entry's head group.
 
     Returns (page ids with ``need``'s shape, SINK_PAGE where not needed; new refcount). The caller has checked that
-    enough pages are free (``sum(need) <= free_pages``); entries past the free pages would get the sink.
+    enough pages are free in every group (``fits``); entries past a group's free pages would get the sink.
     """
     flat = need.reshape(-1)
-    n = flat.shape[0]
-    free_ids = jnp.nonzero(refcount == 0, size=n, fill_value=SINK_PAGE)[0].astype(jnp.int32)
-    rank = jnp.cumsum(flat.astype(jnp.int32)) - 1
-    ids = jnp.where(flat, free_ids[jnp.clip(rank, 0, n - 1)], SINK_PAGE)
+    n, h, p = flat.shape[0], need.shape[head_axis], refcount.shape[0]
+    head_group = jnp.arange(h) // (h // groups)
+    entry_group = jnp.broadcast_to(jnp.moveaxis(head_group.reshape((h,) + (1,) * (need.ndim - 1)), 0, head_axis),
+                                   need.shape).reshape(-1)
+    page_group = jnp.arange(p) // (p // groups)
+    ids = jnp.full((n,), SINK_PAGE, jnp.int32)
+    for g in range(groups):  # static and small (the tensor-parallel degree)
+        mine = flat & (entry_group == g)
+        free_ids = jnp.nonzero((refcount == 0) & (page_group == g), size=n, fill_value=SINK_PAGE)[0]
+        rank = jnp.cumsum(mine.astype(jnp.int32)) - 1
+        ids = jnp.where(mine, free_ids[jnp.clip(rank, 0, n - 1)].astype(jnp.int32), ids)
     refcount = refcount.at[ids].add(flat.astype(jnp.int32))
     refcount = refcount.at[SINK_PAGE].set(1)
     return ids.reshape(need.shape), refcount
@@ -139,7 +177,7 @@ def unshare(cache: PagedCache, slot: Array, writable: Array) -> PagedCache:
     that is shared gets a private copy (the caller checked that enough pages are free)."""
     tables = cache.block_tables[:, slot]
     shared = writable & (cache.refcount[tables] > 1)
-    ids, refcount = allocate(cache.refcount, shared)
+    ids, refcount = allocate(cache.refcount, shared, cache.kv_groups, head_axis=-2)
     src = jnp.where(shared, tables, SINK_PAGE).reshape(-1)
     k_pages, v_pages = copy_pages(cache.k_pages, cache.v_pages, src, ids.reshape(-1))
     refcount = refcount.at[src].add(-shared.reshape(-1).astype(jnp.int32)).at[SINK_PAGE].set(1)
@@ -195,11 +233,13 @@ def put_slots(cache: PagedCache, sub: PagedCache, slots: Array) -> PagedCache:
     return sub.replace(policy_state=state, **fields)
 
 
-def exclusive_pages(cache: PagedCache, page_size: int) -> Array:
-    """[S] pages only this sequence references (refcount 1): what letting it go frees for sure."""
+def exclusive_pages(cache: PagedCache, page_size: int, by_groups: bool = False) -> Array:
+    """[S] pages only this sequence references (refcount 1): what letting it go frees for sure; [S, groups] per
+    KV-head group with ``by_groups``."""
     refs = table_refs(cache, page_size)
     rc = cache.refcount[cache.block_tables]
-    return jnp.sum(refs & (rc == 1), axis=(0, 2, 3), dtype=jnp.int32)
+    per_head = jnp.sum(refs & (rc == 1), axis=(0, 3), dtype=jnp.int32)  # [S, Hkv]
+    return by_group(per_head, cache.kv_groups) if by_groups else jnp.sum(per_head, axis=-1, dtype=jnp.int32)
 
 
 def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: Array,
@@ -210,22 +250,25 @@ def select_preemptions(need: Array, freeable: Array, candidate: Array, n_free: A
     preempted. Candidates go highest ``rank`` first (default: the slot index; the scheduler passes arrival order,
     so the newest request goes first), and only as many as needed: the shortest such prefix with
     ``n_free + freed >= total need - need of the preempted``. Empty when it fits. When every sequence that needs a
-    page is a candidate a solution always exists.
+    page is a candidate a solution always exists. With KV-head groups, need and freeable are ``[S, groups]`` and
+    n_free ``[groups]``: the prefix must make every group fit.
     """
     s = need.shape[0]
+    need, freeable, n_free = need.reshape(s, -1), freeable.reshape(s, -1), jnp.reshape(n_free, (-1,))
     order = jnp.arange(s - 1, -1, -1) if rank is None else jnp.argsort(-rank, stable=True)
     gain_all = freeable[order] + need[order]
-    c = candidate[order] & (gain_all > 0)  # preempting a sequence that neither asks nor frees helps nobody
-    gain = jnp.where(c, gain_all, 0)
-    total = jnp.sum(need)
-    ok = n_free + jnp.cumsum(gain) >= total
+    total = jnp.sum(need, axis=0)
+    # Preempting a sequence helps only if it asks or frees pages in a group that is short.
+    c = candidate[order] & jnp.any((gain_all > 0) & (n_free < total), axis=-1)
+    gain = jnp.where(c[:, None], gain_all, 0)
+    ok = jnp.all(n_free + jnp.cumsum(gain, axis=0) >= total, axis=-1)
     first = jnp.where(jnp.any(ok), jnp.argmax(ok), s - 1)  # no prefix suffices: every candidate goes
-    pre = c & (jnp.arange(s) <= first) & (n_free < total)
+    pre = c & (jnp.arange(s) <= first) & jnp.any(n_free < total)
     return jnp.zeros((s,), bool).at[order].set(pre)
 
 
 def note_high_water(cache: PagedCache) -> PagedCache:
-    return cache.replace(high_water=jnp.maximum(cache.high_water, used_pages(cache.refcount)))
+    return cache.replace(high_water=jnp.maximum(cache.high_water, used_pages(cache.refcount, cache.kv_groups)))
 
 
 # ---------------------------------------------------------------------------------------------------------

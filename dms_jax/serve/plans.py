@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from dms_jax import dmc, dms
-from dms_jax.serve.pages import allocate, free_pages, note_high_water, pages_for, select_preemptions
+from dms_jax.serve.pages import (allocate, by_group, fits, group_free_pages, note_high_water, pages_for,
+                                 select_preemptions)
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.spec import SINK_PAGE, CacheSpec, PagedCache, ring_positions
 
@@ -81,7 +82,7 @@ def apply_decode_plan(cache: PagedCache, spec: CacheSpec, plan: DecodePlan, acti
     Returns (cache, write_page [L, S, H], write_offset [L, S, H]); inactive heads write to the sink.
     """
     ps, r = spec.page_size, spec.ring
-    ids, refcount = allocate(cache.refcount, plan.need)
+    ids, refcount = allocate(cache.refcount, plan.need, cache.kv_groups)
     pidx = jnp.minimum(plan.page_index, spec.max_pages_per_head - 1)[..., None]
     old = jnp.take_along_axis(cache.block_tables, pidx, axis=-1)[..., 0]
 
@@ -276,7 +277,7 @@ def _ring_after_chunk(plan: ChunkPlan, ring_slot: Array, ring_dec: Array, num_to
 
 def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Array, ring_dec: Array,
                  num_tokens: Array, n_valid: Array, dec_chunk: Array, ok: Array, page_size: int,
-                 plan: ChunkPlan | None = None):
+                 plan: ChunkPlan | None = None, groups: int = 1):
     """Books one chunk into one layer of sequences ``[B]`` (rows of the layer's tables): allocates pages, updates
     tables, lengths and ring, and says where each chunk token's K/V goes (``pages.write_kv`` does the write, so that a
     caller can write many layers at once).
@@ -295,13 +296,13 @@ def insert_chunk(refcount: Array, tables: Array, lengths: Array, ring_slot: Arra
     b, h, _ = dec_chunk.shape
     if plan is None:
         plan = plan_chunk(lengths, ring_slot, ring_dec, num_tokens, n_valid, dec_chunk, page_size)
-    need_seq = jnp.sum(plan.need & ok[:, None, None], axis=(1, 2), dtype=jnp.int32)
-    n_free = free_pages(refcount)
+    need_seq = by_group(jnp.sum(plan.need & ok[:, None, None], axis=2), groups)  # [B, groups]
+    n_free = group_free_pages(refcount, groups)
     pre = select_preemptions(need_seq, jnp.zeros_like(need_seq), ok & (n_valid > 0), n_free)
     ok = ok & ~pre
     need = plan.need & ok[:, None, None]
-    overflow = jnp.sum(need) > n_free
-    ids, refcount = allocate(refcount, need)
+    overflow = ~fits(need, refcount, groups, head_axis=1)
+    ids, refcount = allocate(refcount, need, groups, head_axis=1)
     m = tables.shape[-1]
     col = jnp.where(need, plan.have[..., None] + jnp.arange(need.shape[-1]), m)  # m -> dropped
     bi = jnp.arange(b)[:, None, None]
@@ -412,7 +413,8 @@ def dmc_window_after_chunk(state: dict, num_tokens: Array, n_valid: Array, k: Ar
     return jax.tree.map(lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o), new, state)
 
 
-def dmc_decode_slots(refcount: Array, tables: Array, lengths: Array, merge: Array, active: Array, page_size: int):
+def dmc_decode_slots(refcount: Array, tables: Array, lengths: Array, merge: Array, active: Array, page_size: int,
+                     groups: int = 1):
     """One layer's slot bookkeeping for a DMC decode token: a merge overwrites slot ``length - 1``, an append takes
     slot ``length`` (a fresh page at a page boundary); a write into a shared page (after a fork) goes to a fresh copy.
 
@@ -431,7 +433,7 @@ def dmc_decode_slots(refcount: Array, tables: Array, lengths: Array, merge: Arra
     cur = jnp.take_along_axis(tables, pidx, axis=-1)[..., 0]
     cow = act & ~fresh & (refcount[cur] > 1)
     need = fresh | cow
-    ids, refcount = allocate(refcount, need)
+    ids, refcount = allocate(refcount, need, groups)
     src = jnp.where(cow, cur, SINK_PAGE)
     refcount = refcount.at[src].add(-cow.astype(jnp.int32)).at[SINK_PAGE].set(1)
     tables = jnp.where((jnp.arange(m) == page_index[..., None]) & need[..., None], ids[..., None], tables)

@@ -34,11 +34,26 @@ from dms_jax.serve.plans import (cached_reads, chunk_owner_decisions, dmc_chunk_
                                  set_previous_decision)
 from dms_jax.serve.policies import EvictionPolicy
 from dms_jax.serve.spec import SINK_PAGE, CacheSpec, PagedCache
+from dms_jax.serve.tensor_parallel import over_kv_heads
 from pallas_kernels.xla_blocked import BLOCK_TOKENS, block_pages, online_blocks, pad_tables
 
 
 def _prefill_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables, lengths, marked_pos, q_pos,
-                       window, bp, exclude_slot=None):  # -> (out, k_pages, v_pages): see online_blocks
+                       window, bp, exclude_slot=None):
+    """``_chunk_attention`` on each device's own KV heads under a tensor-parallel mesh
+    (``tensor_parallel.over_kv_heads``). Returns [B, C, Hq, D]."""
+
+    def run(kp, vp, tab, q, k_chunk, v_chunk, chunk_vis, lengths, marked_pos, q_pos, exclude_slot):
+        return _chunk_attention(q, k_chunk, v_chunk, chunk_vis, kp, vp, tab, lengths, marked_pos, q_pos, window, bp,
+                                exclude_slot)
+
+    return over_kv_heads(run, (k_pages, v_pages), tables, ((q, 2), (k_chunk, 2), (v_chunk, 2), (chunk_vis, 1),
+                                                          (lengths, 1), (marked_pos, 1), (q_pos, None),
+                                                          (exclude_slot, 1)), out_axis=2)
+
+
+def _chunk_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables, lengths, marked_pos, q_pos,
+                     window, bp, exclude_slot=None):
     """Attention of a chunk's queries to the cached live slots (blocked, exact DMS visibility) and to the chunk.
 
     q [B, C, Hq, D]; chunk keys [B, C, Hkv, D] with chunk_vis [B, Hkv, C, C]; cached: tables [B, Hkv, M] (M a
@@ -72,10 +87,9 @@ def _prefill_attention(q, k_chunk, v_chunk, chunk_vis, k_pages, v_pages, tables,
         return live[:, :, None, :] & ~marked_gone(mp, q_pos, window)
 
     num_blocks = (jnp.max(lengths) + t - 1) // t
-    (_, l, acc), k_pages, v_pages = online_blocks(qg, k_pages, v_pages, tables, num_blocks, visible, carry,
-                                                  scale, bp)
+    (_, l, acc), _, _ = online_blocks(qg, k_pages, v_pages, tables, num_blocks, visible, carry, scale, bp)
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # [B, H, G, C, D]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, c, hq, d).astype(q.dtype), k_pages, v_pages
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, c, hq, d).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "all_logits",
@@ -189,7 +203,7 @@ def _dms_prefill_layer(p, refcount, tables, lengths, ring_slot, ring_dec, pst, n
     bp = block_pages(ps, block_tokens or BLOCK_TOKENS)
     tpad = pad_tables(tables, bp)
     marked = marked_positions(ring_slot, ring_dec1, n, tpad.shape[-1] * ps)
-    out, _, _ = _prefill_attention(p.q, p.k, p.v, chunk_vis, k_pages, v_pages, tpad, lengths, marked,
+    out = _prefill_attention(p.q, p.k, p.v, chunk_vis, k_pages, v_pages, tpad, lengths, marked,
                                    positions, w, bp)
     # A policy may plan the chunk itself (TOVA / H2O keep their budget; see baselines.py).
     plan, pst2 = policy.prefill_plan(
@@ -199,7 +213,7 @@ def _dms_prefill_layer(p, refcount, tables, lengths, ring_slot, ring_dec, pst, n
     # after the scan (layers never read each other's pages), so the pool is read-only in here and XLA
     # never copies it.
     (refcount2, *new), (page, off), pre, overflow = insert_chunk(
-        refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps, plan=plan)
+        refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps, plan=plan, groups=spec.kv_groups)
     refcount2, *new = drop_rows(refcount2, *new, pre, ps)  # preempted here: this layer's pages go now
     kv = (page, off, jnp.swapaxes(p.k, 1, 2), jnp.swapaxes(p.v, 1, 2))
     return out, (refcount2, pre, layer_reads, overflow, tuple(new), kv, pst2)
@@ -230,12 +244,12 @@ def _dmc_prefill_layer(p, cfg, refcount, tables, lengths, ring_slot, ring_dec, w
     per_q = jnp.where(qvalid[:, None, :], (lengths - (hidden >= 0))[..., None], 0)
     layer_reads = jnp.sum(chunk_vis, axis=(1, 2, 3), dtype=jnp.int32) + jnp.sum(per_q, axis=(1, 2), dtype=jnp.int32)
     bp = block_pages(ps, block_tokens or BLOCK_TOKENS)
-    out, _, _ = _prefill_attention(p.q, k_states.astype(p.q.dtype), v_states.astype(p.q.dtype), chunk_vis, k_pages,
+    out = _prefill_attention(p.q, k_states.astype(p.q.dtype), v_states.astype(p.q.dtype), chunk_vis, k_pages,
                                    v_pages, pad_tables(tables, bp), lengths, None, positions, 0, bp,
                                    exclude_slot=hidden)
     plan = dmc_plan_chunk(lengths, ring_slot, ring_dec, merge, n_valid, ps)
     (refcount2, *new), (page, off), pre, overflow = insert_chunk(
-        refcount, tables, lengths, ring_slot, ring_dec, n, n_valid, merge, ok, ps, plan=plan)
+        refcount, tables, lengths, ring_slot, ring_dec, n, n_valid, merge, ok, ps, plan=plan, groups=spec.kv_groups)
     refcount2, *new = drop_rows(refcount2, *new, pre, ps)
     win2 = dmc_window_after_chunk(win, n, n_valid, p.k_unrotated, p.v, p.importance, merge, ok & ~pre)
     kv = (page, off, jnp.swapaxes(k_states, 1, 2), jnp.swapaxes(v_states, 1, 2))

@@ -7,8 +7,8 @@ reading back tokens) overlaps the others' device work. Prompt ``i`` goes to repl
 and the answers come back in prompt order: a request's output does not depend on which replica served it (the
 test runs the same prompts on 8 fake CPU devices and on one).
 
-KV heads across devices (tensor parallelism of one sequence's cache) is not here: the pool is one array
-shared by every head, so splitting heads needs a pool per device (issue #16, item 5).
+With ``mesh`` (``sharding.make_mesh(data=R, tensor=T)``) each replica is itself tensor parallel: R engines, each
+over its own T devices with its KV heads split across them (``tensor_parallel.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from dms_jax.model import CausalLM
 from dms_jax.serve.engine import Engine
@@ -36,9 +37,19 @@ class ReplicatedGeneration:
 
 
 class ReplicatedEngine:
-    """``Engine(model, policy, **engine_kw)`` on every device of ``devices`` (default: all)."""
+    """``Engine(model, policy, **engine_kw)`` on every device of ``devices`` (default: all), or, with ``mesh``, one
+    tensor-parallel Engine per index of the mesh's data and fsdp axes, over that index's tensor devices."""
 
-    def __init__(self, model: CausalLM, policy="vanilla", *, devices: Sequence | None = None, **engine_kw):
+    def __init__(self, model: CausalLM, policy="vanilla", *, devices: Sequence | None = None, mesh: Mesh | None = None,
+                 **engine_kw):
+        if mesh is not None and devices is not None:
+            raise ValueError("give devices or mesh, not both")
+        if mesh is not None:
+            groups = mesh.devices.reshape(-1, mesh.shape["tensor"])  # axes (data, fsdp, tensor): rows are replicas
+            meshes = [Mesh(row.reshape(1, 1, -1), mesh.axis_names, axis_types=mesh.axis_types) for row in groups]
+            self.devices = [row[0] for row in groups]
+            self.engines = [Engine(model, policy, mesh=m, **engine_kw) for m in meshes]
+            return
         self.devices = list(jax.devices() if devices is None else devices)
         if not self.devices:
             raise ValueError("devices must name at least one device")

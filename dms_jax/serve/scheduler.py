@@ -58,9 +58,10 @@ from flax import nnx, struct
 from dms_jax.config import check_int
 from dms_jax.serve.decode import _decode_step, seq_live_and_pages, step_reads
 from dms_jax.serve.engine import Engine, _finish_prefill_jit, _release_jit
-from dms_jax.serve.pages import (cond_without_pools, fork, free_pages, note_high_water, prefill_writable, put_slots,
-                                 release, take_slots, unshare, used_pages)
+from dms_jax.serve.pages import (balanced_free_pages, cond_without_pools, fork, note_high_water, prefill_writable,
+                                 put_slots, release, take_slots, unshare, used_pages)
 from dms_jax.serve.prefill import prefill_chunk
+from dms_jax.serve.tensor_parallel import under_mesh
 from dms_jax.serve.requests import Completion, RequestError, TokenEvent, check_request, dense_pages
 from dms_jax.serve.sampling import SamplingConfig, sample_rows
 
@@ -274,6 +275,11 @@ class Scheduler:
         self.run()
         return [self.result(r) for r in rids]
 
+    @property
+    def mesh(self):
+        return self.engine.mesh
+
+    @under_mesh
     def step(self) -> None:
         """One iteration: inbox, admissions, one prefill chunk, one decode segment, events."""
         self._drain_inbox()
@@ -363,7 +369,7 @@ class Scheduler:
         return best
 
     def _free_pages(self) -> int:
-        return int(free_pages(self.cache.refcount))
+        return int(balanced_free_pages(self.cache.refcount, self.spec.kv_groups))
 
     def _decode_reserve(self) -> int:
         """Pages kept back for the running sequences' next segment (each head may start a page, and a
@@ -609,7 +615,7 @@ class Scheduler:
         lengths = np.asarray(self.cache.lengths)[:, :self.max_seqs]
         live = int(lengths.sum())
         dense = self.lh * int(np.asarray(self.cache.num_tokens)[:self.max_seqs].sum())
-        used = int(used_pages(self.cache.refcount))
+        used = int(used_pages(self.cache.refcount, self.spec.kv_groups))
         return dict(pages_total=self.spec.num_pages, pages_used=used, pages_free=self.spec.num_pages - used,
                     bytes_per_page=self.spec.bytes_per_page, live_entries=live, dense_entries=dense,
                     compression=dense / live if live else 1.0, waiting=len(self._waiting),

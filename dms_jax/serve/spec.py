@@ -6,7 +6,9 @@ Memory layout (DESIGN.md section 1, "Reference cache"):
   rows carry their scale: ``pallas_kernels.kv_codec``): one static pool shared by every sequence, layer and KV
   head -- the memory budget. A page holds tokens of exactly one (sequence, layer, KV head). Page 0 is a reserved
   *sink*: masked writes land there and unused block-table entries point at it, so every index is in range and no
-  write needs a branch. The budget given by the user (``CacheSpec.num_pages``) excludes the sink.
+  write needs a branch. The budget given by the user (``CacheSpec.num_pages``) excludes the sink. With
+  ``kv_groups`` > 1 (tensor parallelism over KV heads, ``tensor_parallel.py``) the pool is split in equal shares,
+  one per group of heads, each starting with a sink of its own; a head's pages come from its group's share.
 * ``refcount`` ``[pool_pages]`` int32: how many block-table entries point at each page; 0 = free. Chains forked
   from one prompt share its pages copy-on-write, so a page can have several owners; it returns to the pool when
   the last one lets go. Allocation happens on device inside jit: the first free pages of the pool
@@ -45,7 +47,9 @@ Array = jax.Array
 class CacheSpec:
     """Static shape of a paged cache (hashable: a jit static argument).
 
-    num_pages: the memory budget in pages (the pool holds one more page, the sink). max_seqs: sequence slots.
+    num_pages: the memory budget in pages (the pool holds one more page per KV-head group, its sink). max_seqs:
+    sequence slots. kv_groups: shares of the pool, one per group of KV heads (1 unless tensor parallel); it must
+    divide num_kv_heads and num_pages.
     max_pages_per_head: block-table width (pages one head may hold: ceil(max tokens / page_size)).
     window: the delay of the ring's evictions (``dms.visible_if_marked``; the ring holds ``dms.ring_size(window)``
     tokens), the policy's ``delay_window``. dtype: K/V storage dtype name ("int8": quantised rows with a scale
@@ -61,17 +65,26 @@ class CacheSpec:
     max_pages_per_head: int
     window: int
     dtype: str = "float32"
+    kv_groups: int = 1
 
     def __post_init__(self):
         # Shapes of the arrays init_cache makes (window: the ring's), so each must be a positive integer.
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_pages", "page_size", "max_seqs",
-                     "max_pages_per_head", "window"):
+                     "max_pages_per_head", "window", "kv_groups"):
             check_int(name, getattr(self, name))
+        if self.num_kv_heads % self.kv_groups or self.num_pages % self.kv_groups:
+            raise ValueError(f"kv_groups ({self.kv_groups}) must divide num_kv_heads ({self.num_kv_heads}) and "
+                             f"num_pages ({self.num_pages})")
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property
     def pool_pages(self) -> int:
-        return self.num_pages + 1
+        return self.num_pages + self.kv_groups
+
+    @property
+    def sink_pages(self) -> np.ndarray:
+        """The sinks: the first page of each KV-head group's share of the pool (page 0 alone for one group)."""
+        return np.arange(self.kv_groups) * (self.pool_pages // self.kv_groups)
 
     @property
     def ring(self) -> int:
@@ -104,7 +117,7 @@ class CacheSpec:
 
     @classmethod
     def create(cls, *, num_layers, num_kv_heads, head_dim, max_seqs, max_context, window, page_size=16,
-               num_pages=None, dtype="float32") -> "CacheSpec":
+               num_pages=None, dtype="float32", kv_groups=1) -> "CacheSpec":
         """num_pages=None: enough for every sequence to keep every token (no eviction, no sharing)."""
         check_int("max_context", max_context)
         check_int("page_size", page_size)
@@ -113,7 +126,7 @@ class CacheSpec:
             num_pages = num_layers * max_seqs * num_kv_heads * m
         return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=int(num_pages),
                    page_size=int(page_size), max_seqs=int(max_seqs), max_pages_per_head=m, window=int(window),
-                   dtype=jnp.dtype(dtype).name)
+                   dtype=jnp.dtype(dtype).name, kv_groups=int(kv_groups))
 
 
 @struct.dataclass
@@ -134,6 +147,10 @@ class PagedCache:
     # H2O: attention scores and positions per slot; Quest: per-page key bounds). Forks, releases and slot resizes
     # treat it like the tables.
     policy_state: Any = None
+    # KV-head groups (static; ``CacheSpec.kv_groups``): the pool is split into this many equal shares, one per group
+    # of heads, each with its own sink (``pages.group_sinks``), so that a tensor-parallel engine keeps each group's
+    # pages on its own device (``tensor_parallel.py``). 1: one pool for all heads.
+    kv_groups: int = struct.field(pytree_node=False, default=1)
 
 
 def init_cache(spec: CacheSpec, policy=None) -> PagedCache:
@@ -144,7 +161,7 @@ def init_cache(spec: CacheSpec, policy=None) -> PagedCache:
     return PagedCache(
         k_pages=jnp.zeros(shape, spec.dtype),
         v_pages=jnp.zeros(shape, spec.dtype),
-        refcount=jnp.zeros((spec.pool_pages,), jnp.int32).at[SINK_PAGE].set(1),
+        refcount=jnp.zeros((spec.pool_pages,), jnp.int32).at[spec.sink_pages].set(1),
         block_tables=jnp.full((L, S, H, M), SINK_PAGE, jnp.int32),
         lengths=jnp.zeros((L, S, H), jnp.int32),
         ring_slot=jnp.zeros((L, S, H, R), jnp.int32),
@@ -152,6 +169,7 @@ def init_cache(spec: CacheSpec, policy=None) -> PagedCache:
         num_tokens=jnp.zeros((S,), jnp.int32),
         high_water=jnp.zeros((), jnp.int32),
         policy_state=None if policy is None else policy.init_state(spec),
+        kv_groups=spec.kv_groups,
     )
 
 
@@ -188,9 +206,14 @@ def check_invariants(cache: PagedCache, spec: CacheSpec) -> dict:
     assert (held <= tables.shape[-1]).all(), "a head holds more pages than its table has entries"
     refs = np.arange(tables.shape[-1]) < held[..., None]
     counted = np.bincount(tables[refs].reshape(-1), minlength=rc.shape[0])
-    counted[SINK_PAGE] = 1
-    assert rc[SINK_PAGE] == 1, f"sink refcount {rc[SINK_PAGE]}"
-    assert (tables[refs] != SINK_PAGE).all(), "a live table entry points at the sink"
+    sinks = spec.sink_pages
+    counted[sinks] = 1
+    assert (rc[sinks] == 1).all(), f"sink refcounts {rc[sinks].tolist()}"
+    assert not np.isin(tables[refs], sinks).any(), "a live table entry points at a sink"
+    group_pages = spec.pool_pages // spec.kv_groups  # head h's pages lie in its group's share of the pool
+    head_group = np.arange(spec.num_kv_heads) // (spec.num_kv_heads // spec.kv_groups)
+    page_group = np.broadcast_to(head_group[None, None, :, None], tables.shape)
+    assert (tables[refs] // group_pages == page_group[refs]).all(), "a head holds a page of another group"
     bad = np.nonzero(counted != rc)[0]
     assert bad.size == 0, f"refcount mismatch on pages {bad[:8].tolist()}: counted {counted[bad[:8]].tolist()} " \
                           f"vs stored {rc[bad[:8]].tolist()}"
@@ -204,7 +227,7 @@ def check_invariants(cache: PagedCache, spec: CacheSpec) -> dict:
         ok = pos[s] >= 0
         if ok.any():
             assert (rs[:, s][..., ok] < lengths[:, s][..., None]).all(), f"sequence {s}: ring slot beyond length"
-    used = int((rc[1:] > 0).sum())
+    used = int((rc > 0).sum()) - spec.kv_groups
     return {"used_pages": used, "free_pages": int((rc == 0).sum()), "high_water": int(cache.high_water)}
 
 
