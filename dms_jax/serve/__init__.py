@@ -16,9 +16,9 @@ experiments):
 * ``results.py`` -- ``GenerationResult``, ``RequestResult``, ``RequestMetrics``, ``DecodeOutput``,
   ``PoolExhaustedError``;
 * ``engine.py`` -- ``Engine``;
-* ``requests.py``, ``scheduler.py`` -- ``Scheduler``: continuous batching of requests over one pool (arrivals at
-  any time, admission by real pages, preemption and recompute, multi-turn and prefix reuse), ``RequestError``,
-  ``TokenEvent``, ``Completion``;
+* ``requests.py``, ``scheduler_steps.py`` (its jitted device steps), ``scheduler.py`` -- ``Scheduler``:
+  continuous batching of requests over one pool (arrivals at any time, admission by real pages, preemption and
+  recompute, multi-turn and prefix reuse), ``RequestError``, ``TokenEvent``, ``Completion``;
 * ``replicas.py`` -- ``ReplicatedEngine``: data-parallel replicas, one engine (weights and pool) per device, or
   one tensor-parallel engine per row of a (data, tensor) mesh;
 * ``reference.py`` -- the dense-cache reference generator (``generate``, ``generate_dmc``, ``left_pad``).

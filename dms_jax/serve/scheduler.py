@@ -44,26 +44,24 @@ and, for TOVA, its prompt reduction. ``compiled_shapes`` lists them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import queue
 import threading
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
 
 from dms_jax.config import check_int
-from dms_jax.serve.decode import _decode_step, seq_live_and_pages, step_reads
+from dms_jax.serve.decode import seq_live_and_pages
 from dms_jax.serve.engine import Engine, _finish_prefill_jit, _release_jit
-from dms_jax.serve.pages import (balanced_free_pages, cond_without_pools, fork, note_high_water, prefill_writable,
-                                 put_slots, release, take_slots, unshare, used_pages)
+from dms_jax.serve.pages import balanced_free_pages, used_pages
 from dms_jax.serve.prefill import prefill_chunk
-from dms_jax.serve.tensor_parallel import under_mesh
 from dms_jax.serve.requests import Completion, RequestError, TokenEvent, check_request, dense_pages
-from dms_jax.serve.sampling import SamplingConfig, sample_rows
+from dms_jax.serve.sampling import SamplingConfig
+from dms_jax.serve.scheduler_steps import (SegmentBatch, decode_rows_segment, first_tokens, fork_for_prefill,
+                                           writable_count)
+from dms_jax.serve.tensor_parallel import under_mesh
 
 __all__ = ["Scheduler", "RequestError", "TokenEvent", "Completion"]
 
@@ -76,96 +74,6 @@ class _Entry:
     tokens: list[int]
     pinned: bool
     last_used: int
-
-
-@struct.dataclass
-class _Batch:
-    """The decode segment's per-slot state ([S] unless noted): the carry of ``_segment``."""
-
-    tok: jax.Array  # last emitted token, not yet fed
-    running: jax.Array
-    n_out: jax.Array  # tokens the request has generated so far
-    max_new: jax.Array
-    seed: jax.Array
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    stop: jax.Array  # [S, K] stop ids (-1: none)
-    keep: jax.Array  # a finished sequence keeps its pages (a cache entry)
-    rank: jax.Array  # arrival order: the highest is preempted first
-    out: jax.Array  # [S, steps] tokens emitted in this segment
-    n_new: jax.Array
-    finished: jax.Array
-    stopped: jax.Array
-    preempted: jax.Array
-    final_live: jax.Array  # live entries when it finished
-    reads: jax.Array
-    step: jax.Array  # []
-    error: jax.Array  # [] a bookkeeping bug (the host raises)
-
-
-def _keys(seed, n_out):
-    """Request ``seed``'s key for its token number ``n_out`` ([S] each)."""
-    return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s), n))(seed, n_out)
-
-
-@jax.jit
-def _first_tokens(logits, seed, n_out, temperature, top_k, top_p):
-    return sample_rows(logits, _keys(seed, n_out), temperature, top_k, top_p)
-
-
-@functools.partial(jax.jit, static_argnames=("page_size", "anywhere"))
-def _writable_count(cache, slot, *, page_size, anywhere):
-    return jnp.sum(prefill_writable(cache, slot, page_size, anywhere), dtype=jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("page_size", "anywhere"), donate_argnames=("cache",))
-def _fork_for_prefill(cache, src, dst, *, page_size, anywhere):
-    """``dst`` becomes a copy-on-write fork of ``src`` whose pages a prefill may write into are its own."""
-    cache = fork(cache, src[None], dst[None], page_size)
-    return note_high_water(unshare(cache, dst, prefill_writable(cache, dst, page_size, anywhere)))
-
-
-@functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",
-                                             "interpret", "block_tokens", "steps"), donate_argnames=("cache",))
-def _segment(layer_gd, layer_params, outer_gd, outer_params, cache, slots, b: _Batch, *, spec, policy, width,
-             backend, interpret, block_tokens, steps):
-    """Up to ``steps`` decode steps of the sequences in ``slots`` (``b``'s rows; ``spec.max_seqs`` of them), each
-    with its own sampling, stop ids and length limit; a finished sequence frees its pages at once unless it is
-    kept."""
-    outer = nnx.merge(outer_gd, outer_params)
-    full, cache = cache, take_slots(cache, slots)
-    ps = spec.page_size
-
-    def cond(carry):
-        _, b = carry
-        return (b.step < steps) & jnp.any(b.running) & ~b.error
-
-    def body(carry):
-        cache, b = carry
-        logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, b.tok, b.running, spec=spec,
-                                           policy=policy, width=width, backend=backend, interpret=interpret,
-                                           on_exhaustion="preempt", block_tokens=block_tokens,
-                                           preempt_rank=b.rank)
-        running = b.running & ~info.preempted
-        live, _ = seq_live_and_pages(cache, ps)
-        tok = sample_rows(logits, _keys(b.seed, b.n_out), b.temperature, b.top_k, b.top_p)
-        n_out = b.n_out + running
-        is_stop = jnp.any(tok[:, None] == b.stop, axis=-1)
-        stop = running & (is_stop | (n_out >= b.max_new))
-        drop = stop & ~b.keep
-        cache = cond_without_pools(jnp.any(drop), lambda c: release(c, drop, ps), cache)
-        b = b.replace(
-            tok=jnp.where(running, tok, b.tok), running=running & ~stop, n_out=n_out,
-            out=b.out.at[:, b.step].set(jnp.where(running, tok, -1)), n_new=b.n_new + running,
-            finished=b.finished | stop, stopped=b.stopped | (stop & is_stop), preempted=b.preempted | info.preempted,
-            final_live=jnp.where(stop, live, b.final_live),
-            reads=b.reads + jnp.where(running, step_reads(policy, cache, live), 0),
-            step=b.step + 1, error=b.error | info.error)
-        return cache, b
-
-    cache, b = jax.lax.while_loop(cond, body, (cache, b))
-    return put_slots(full, cache, slots), b
 
 
 class Scheduler:
@@ -403,7 +311,7 @@ class Scheduler:
         while self._waiting:
             req = self._waiting[0]
             entry = self._best_entry(req.context) if self.reuse else None
-            copies = 0 if entry is None else int(_writable_count(self.cache, entry.slot, page_size=ps,
+            copies = 0 if entry is None else int(writable_count(self.cache, entry.slot, page_size=ps,
                                                                  anywhere=anywhere))
             if self.reserve_dense and not self._dense_fits(req):
                 return
@@ -421,7 +329,7 @@ class Scheduler:
             if entry is not None:
                 entry.last_used = self._tick()
                 self._shapes.add(("fork", anywhere))
-                self.cache = _fork_for_prefill(self.cache, jnp.asarray(entry.slot, jnp.int32),
+                self.cache = fork_for_prefill(self.cache, jnp.asarray(entry.slot, jnp.int32),
                                                jnp.asarray(slot, jnp.int32), page_size=ps, anywhere=anywhere)
                 self.counters["reused_tokens"] += req.reused_tokens
             req.slot, req.todo, req.status = slot, req.context[req.reused_tokens:], "prefill"
@@ -519,7 +427,7 @@ class Scheduler:
         rows = self._sampling_rows(reqs, b)
         padded = jnp.zeros((b, logits.shape[-1]), jnp.float32).at[:len(reqs)].set(logits)
         self._shapes.add(("first_tokens", b))
-        toks = np.asarray(_first_tokens(padded, **{k: jnp.asarray(v) for k, v in rows.items()}))
+        toks = np.asarray(first_tokens(padded, **{k: jnp.asarray(v) for k, v in rows.items()}))
         now = time.time()
         for req, tok in zip(reqs, toks.tolist()):
             self._prefilling.remove(req)
@@ -571,7 +479,7 @@ class Scheduler:
         for i, r in enumerate(reqs):
             stop[i, :len(r.stop_ids)] = r.stop_ids
         zeros = jnp.zeros(s, jnp.int32)
-        b = _Batch(
+        b = SegmentBatch(
             tok=per_slot([r.tokens[-1] for r in reqs], np.int32), running=per_slot(True, bool, False),
             n_out=per_slot(rows["n_out"], np.int32), max_new=per_slot([r.max_new_tokens for r in reqs], np.int32),
             seed=per_slot(rows["seed"], np.int32), temperature=per_slot(rows["temperature"], np.float32),
@@ -583,7 +491,7 @@ class Scheduler:
         e = self.engine
         width = e.decode_width(self.cache, self.spec, steps)
         self._shapes.add(("segment", s, width, steps))
-        self.cache, b = _segment(e._layer_gd, e._layer_list, e._outer_gd, e._outer_params, self.cache,
+        self.cache, b = decode_rows_segment(e._layer_gd, e._layer_list, e._outer_gd, e._outer_params, self.cache,
                                  jnp.asarray(slots), b, spec=dataclasses.replace(self.spec, max_seqs=s),
                                  policy=self.policy, width=width, backend=e.backend, interpret=e.interpret,
                                  block_tokens=e.block_tokens, steps=steps)
