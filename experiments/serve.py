@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-batch", type=_positive_int, default=2)
     p.add_argument("--segment-steps", type=_positive_int, default=8, help="decode steps between token deliveries")
     p.add_argument("--no-prefix-cache", action="store_true", help="free finished sequences instead of keeping them")
+    p.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                   help="devices to split the KV heads and weights over (a divisor of the model's KV heads; the "
+                        "page budget is split evenly between them)")
     return p.parse_args(argv), p
 
 
@@ -60,15 +63,27 @@ def build(args):
     model = weights.load_model(args.model, dms=adapter)
     policy_kw = {} if args.budget is None else {"budget": args.budget}
     engine = Engine(model, args.policy, page_size=args.page_size, prefill_chunk=args.prefill_chunk,
-                    cache_dtype=args.cache_dtype, **policy_kw)
-    budget = args.budget_pages
-    if args.budget_mb is not None:
-        probe = engine.make_spec(1, args.page_size, 1)
-        budget = max(1, int(args.budget_mb * 2 ** 20 // probe.bytes_per_page))
+                    cache_dtype=args.cache_dtype, mesh=_tensor_mesh(args.tensor_parallel), **policy_kw)
+    budget, t = args.budget_pages, args.tensor_parallel
+    if args.budget_mb is not None:  # whole pages, split evenly between the tensor-parallel devices
+        probe = engine.make_spec(1, args.page_size, t)
+        budget = max(t, int(args.budget_mb * 2 ** 20 // probe.bytes_per_page) // t * t)
     scheduler = Scheduler(engine, max_seqs=args.max_seqs, context=args.context, budget_pages=budget,
                           prefill_batch=args.prefill_batch, segment_steps=args.segment_steps,
                           prefix_cache=not args.no_prefix_cache)
     return Worker(scheduler), weights.load_tokenizer(args.model)
+
+
+def _tensor_mesh(devices: int):
+    if devices == 1:
+        return None
+    import jax
+
+    from dms_jax import sharding
+
+    if devices > jax.device_count():
+        raise ValueError(f"--tensor-parallel {devices} exceeds the {jax.device_count()} devices available")
+    return sharding.make_mesh(data=1, tensor=devices, devices=jax.devices()[:devices])
 
 
 def main(argv=None):
@@ -83,8 +98,8 @@ def main(argv=None):
         parser.error(str(e))
     s = worker.scheduler.spec
     print(f"serving {args.name!r} ({args.policy}) on http://{args.host}:{args.port}/v1 -- {s.num_pages} KV pages "
-          f"of {s.bytes_per_page} bytes, {args.max_seqs} sequences of up to {s.max_tokens_per_head} tokens",
-          flush=True)
+          f"of {s.bytes_per_page} bytes, {args.max_seqs} sequences of up to {s.max_tokens_per_head} tokens"
+          + (f", KV heads over {args.tensor_parallel} devices" if args.tensor_parallel > 1 else ""), flush=True)
     uvicorn.run(create_app(worker, tokenizer, args.name), host=args.host, port=args.port, log_level="warning")
 
 

@@ -8,6 +8,7 @@ each other; bad requests get OpenAI-style 400s naming the parameter; a client th
 pages. Stop strings cut the text.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -33,13 +34,14 @@ def assets(tmp_path_factory):
     return th.tiny_assets(tmp_path_factory.getbasetemp() / "tiny_assets")
 
 
-@pytest.fixture(scope="module")
-def server(assets):
+@contextlib.contextmanager
+def _running_server(assets, extra=(), devices=1):
+    """A `python -m experiments.serve` process on a free loopback port (vanilla, tiny model); yields its URL."""
     port = th.free_port()
     cmd = [sys.executable, "-m", "experiments.serve", "--model", str(assets["model"]), "--policy", "vanilla",
            "--name", MODEL, "--port", str(port), "--context", str(CONTEXT), "--max-seqs", "4", "--page-size",
-           str(PAGE), "--prefill-chunk", str(CHUNK), "--segment-steps", "4", "--no-prefix-cache"]
-    proc = subprocess.Popen(cmd, cwd=th.REPO, env=th.cli_env(assets), stdout=subprocess.PIPE,
+           str(PAGE), "--prefill-chunk", str(CHUNK), "--segment-steps", "4", "--no-prefix-cache", *extra]
+    proc = subprocess.Popen(cmd, cwd=th.REPO, env=th.cli_env(assets, devices=devices), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
 
@@ -55,6 +57,12 @@ def server(assets):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    with _running_server(assets) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +186,17 @@ def test_mixed_load_loses_corrupts_and_leaks_nothing(server):
     assert tally(reqs, run["loaded"], run["alone"]) == {"lost": 0, "hung": 0, "corrupted": 0, "bad_errors": 0}
     assert run["pages_leaked"] == 0
 
+
+def test_tensor_parallel_server_gives_the_same_answers(assets, reference):
+    """`--tensor-parallel 2` on 2 fake CPU devices (the tiny model's 2 KV heads, one per device): the greedy
+    answers of the single-device engine, concurrent requests included."""
+    from openai import OpenAI
+
+    tok, answer = reference
+    with _running_server(assets, ["--tensor-parallel", "2"], devices=2) as base:
+        tp = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda p: tp.completions.create(model=MODEL, prompt=p, max_tokens=10,
+                                                                  temperature=0), PROMPTS))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.choices[0].text == _text(tok, answer(tok(prompt, add_special_tokens=False)["input_ids"], 10))
