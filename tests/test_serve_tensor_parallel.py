@@ -70,6 +70,12 @@ def _worker(out: str):
         got = Engine(model, policy, mesh=tp, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
         one = Engine(model, policy, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
         res["generate"][policy] = dict(tp=got.tokens(), one=one.tokens(), leftover=got.pages_in_use_at_end)
+    from test_serve_engine_dmc import _tiny_dmc_model  # merging instead of evicting: layer-by-layer allocation
+
+    dmc_model = _tiny_dmc_model()
+    got = Engine(dmc_model, "dmc", mesh=tp, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
+    one = Engine(dmc_model, "dmc", **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
+    res["generate"]["dmc"] = dict(tp=got.tokens(), one=one.tokens(), leftover=got.pages_in_use_at_end)
 
     steps_tp, layout = _logits_and_layout(model, prompts, tp)
     steps_one, _ = _logits_and_layout(model, prompts, None)
@@ -121,8 +127,8 @@ def results(tmp_path_factory):
 
 def _pool_gathers(dump: Path) -> dict:
     """Per compiled tensor-parallel program of the engine and scheduler (prefill chunks, prompt reductions, decode
-    segments, first tokens, releases, forks): the all-gathers of a float array with as many rows as a whole page pool (the pool's pages as seen in the entry parameters named cache.k_pages, times the
-    devices splitting them)."""
+    segments, first tokens, releases, forks): the all-gathers of a float array with as many rows as a whole page
+    pool (the pool's pages as seen in the entry parameters named cache.k_pages, times the devices splitting them)."""
     found = {}
     for f in sorted(dump.glob("*after_optimizations.txt")):
         text = f.read_text()
@@ -135,7 +141,7 @@ def _pool_gathers(dump: Path) -> dict:
     return found
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", POLICIES + ("dmc",))
 def test_greedy_tokens_equal_one_device(results, policy):
     r = results["generate"][policy]
     assert r["tp"] == r["one"] and all(len(t) == 8 for t in r["one"])

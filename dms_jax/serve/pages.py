@@ -42,9 +42,9 @@ def used_pages(refcount: Array, groups: int = 1) -> Array:
 
 
 # KV-head groups (``CacheSpec.kv_groups``): the pool is split into ``groups`` equal shares, group g owning pages
-# [g * P / groups, (g + 1) * P / groups) with its own sink first (``CacheSpec.sink_pages``), and heads h of group h // (Hkv / groups) take
-# their pages only from their group's share. A tensor-parallel engine places each share on the device that holds
-# those heads. Every rule below reduces to the single pool's when groups == 1.
+# [g * P / groups, (g + 1) * P / groups) with its own sink first (``CacheSpec.sink_pages``), and heads h of group
+# h // (Hkv / groups) take their pages only from their group's share. A tensor-parallel engine places each share
+# on the device that holds those heads. Every rule below reduces to the single pool's when groups == 1.
 
 
 def by_group(x: Array, groups: int, head_axis: int = -1) -> Array:

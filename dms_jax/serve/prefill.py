@@ -203,8 +203,7 @@ def _dms_prefill_layer(p, refcount, tables, lengths, ring_slot, ring_dec, pst, n
     bp = block_pages(ps, block_tokens or BLOCK_TOKENS)
     tpad = pad_tables(tables, bp)
     marked = marked_positions(ring_slot, ring_dec1, n, tpad.shape[-1] * ps)
-    out = _prefill_attention(p.q, p.k, p.v, chunk_vis, k_pages, v_pages, tpad, lengths, marked,
-                                   positions, w, bp)
+    out = _prefill_attention(p.q, p.k, p.v, chunk_vis, k_pages, v_pages, tpad, lengths, marked, positions, w, bp)
     # A policy may plan the chunk itself (TOVA / H2O keep their budget; see baselines.py).
     plan, pst2 = policy.prefill_plan(
         pst, q=p.q, k=p.k, chunk_vis=chunk_vis, k_pages=k_pages, block_tables=tables, lengths=lengths,
@@ -213,7 +212,8 @@ def _dms_prefill_layer(p, refcount, tables, lengths, ring_slot, ring_dec, pst, n
     # after the scan (layers never read each other's pages), so the pool is read-only in here and XLA
     # never copies it.
     (refcount2, *new), (page, off), pre, overflow = insert_chunk(
-        refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps, plan=plan, groups=spec.kv_groups)
+        refcount, tables, lengths, ring_slot, ring_dec1, n, n_valid, dec_chunk, ok, ps, plan=plan,
+        groups=spec.kv_groups)
     refcount2, *new = drop_rows(refcount2, *new, pre, ps)  # preempted here: this layer's pages go now
     kv = (page, off, jnp.swapaxes(p.k, 1, 2), jnp.swapaxes(p.v, 1, 2))
     return out, (refcount2, pre, layer_reads, overflow, tuple(new), kv, pst2)
@@ -245,8 +245,7 @@ def _dmc_prefill_layer(p, cfg, refcount, tables, lengths, ring_slot, ring_dec, w
     layer_reads = jnp.sum(chunk_vis, axis=(1, 2, 3), dtype=jnp.int32) + jnp.sum(per_q, axis=(1, 2), dtype=jnp.int32)
     bp = block_pages(ps, block_tokens or BLOCK_TOKENS)
     out = _prefill_attention(p.q, k_states.astype(p.q.dtype), v_states.astype(p.q.dtype), chunk_vis, k_pages,
-                                   v_pages, pad_tables(tables, bp), lengths, None, positions, 0, bp,
-                                   exclude_slot=hidden)
+                             v_pages, pad_tables(tables, bp), lengths, None, positions, 0, bp, exclude_slot=hidden)
     plan = dmc_plan_chunk(lengths, ring_slot, ring_dec, merge, n_valid, ps)
     (refcount2, *new), (page, off), pre, overflow = insert_chunk(
         refcount, tables, lengths, ring_slot, ring_dec, n, n_valid, merge, ok, ps, plan=plan, groups=spec.kv_groups)

@@ -77,8 +77,8 @@ def fork_for_prefill(cache, src, dst, *, page_size, anywhere):
 
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",
                                              "interpret", "block_tokens", "steps"), donate_argnames=("cache",))
-def decode_rows_segment(layer_gd, layer_params, outer_gd, outer_params, cache, slots, b: SegmentBatch, *, spec, policy, width,
-             backend, interpret, block_tokens, steps):
+def decode_rows_segment(layer_gd, layer_params, outer_gd, outer_params, cache, slots, b: SegmentBatch, *, spec,
+                        policy, width, backend, interpret, block_tokens, steps):
     """Up to ``steps`` decode steps of the sequences in ``slots`` (``b``'s rows; ``spec.max_seqs`` of them), each
     with its own sampling, stop ids and length limit; a finished sequence frees its pages at once unless it is
     kept."""
