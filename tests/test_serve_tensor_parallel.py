@@ -83,9 +83,13 @@ def _worker(out: str):
     res["layout"] = layout
 
     sched = {}
+    system = prompts[4][:20]  # a shared prefix: later requests fork its pages copy-on-write (per head group)
     for name, mesh in (("tp", tp), ("one", None)):
-        s = Scheduler(Engine(model, "dms", mesh=mesh, **kw), max_seqs=3, context=96, prefill_batch=2)
-        sched[name] = [c.tokens for c in s.generate(prompts, max_new_tokens=6, stop_ids=[])]
+        s = Scheduler(Engine(model, "dms", mesh=mesh, **kw), max_seqs=4, context=96, prefill_batch=2)
+        s.add_prefix(system)
+        shared = s.generate([system + p for p in prompts[:3]], max_new_tokens=6, stop_ids=[])
+        sched[name + "_reused"] = s.counters["reused_tokens"]
+        sched[name] = [c.tokens for c in shared + s.generate(prompts[:4], max_new_tokens=6, stop_ids=[])]
     res["scheduler"] = sched
 
     grid = sharding.make_mesh(data=4, tensor=2)
@@ -171,7 +175,9 @@ def test_no_device_gathers_the_whole_pool(results):
 
 
 def test_scheduler_equal_one_device(results):
-    assert results["scheduler"]["tp"] == results["scheduler"]["one"]
+    r = results["scheduler"]
+    assert r["tp"] == r["one"]
+    assert r["tp_reused"] == r["one_reused"] >= 3 * 20  # the prefix was forked, not prefilled again
 
 
 def test_replicas_of_tensor_parallel_engines(results):

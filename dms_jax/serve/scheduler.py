@@ -152,6 +152,7 @@ class Scheduler:
         return check_request(prompt, max_new_tokens, sampling, stop_ids, seed, cfg=self.engine.cfg,
                              max_tokens=self.spec.max_tokens_per_head, max_stop_ids=self.max_stop_ids, pool=pool)
 
+    @under_mesh
     def add_prefix(self, tokens: Sequence[int]) -> None:
         """Prefills ``tokens`` (e.g. a system prompt) once and pins it as a cache entry that requests starting with
         it fork. Runs at once, on the calling thread: call it before serving."""

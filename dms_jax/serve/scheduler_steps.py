@@ -8,7 +8,7 @@
 * ``fork_for_prefill`` / ``writable_count`` -- a copy-on-write fork of a cache entry whose pages a prefill may
   write into are made private first, and how many pages that takes.
 
-``engine.decode_segment`` is the Engine's loop over the same ``decode._decode_step``: it samples from one
+``decode.decode_segment`` is the Engine's loop over the same ``decode._decode_step``: it samples from one
 ``SamplingConfig`` with one key chain for the batch, which the scheduler's per-request keys cannot share without
 changing the Engine's sampled streams.
 """
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dms_jax.serve.decode import _decode_step, seq_live_and_pages, step_reads
-from dms_jax.serve.pages import (cond_without_pools, fork, note_high_water, prefill_writable, put_slots, release,
-                                 take_slots, unshare)
+from dms_jax.serve.pages import (by_group, cond_without_pools, fork, note_high_water, prefill_writable, put_slots,
+                                 release, take_slots, unshare)
 from dms_jax.serve.sampling import sample_rows
 
 
@@ -65,7 +65,11 @@ def first_tokens(logits, seed, n_out, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnames=("page_size", "anywhere"))
 def writable_count(cache, slot, *, page_size, anywhere):
-    return jnp.sum(prefill_writable(cache, slot, page_size, anywhere), dtype=jnp.int32)
+    """Pages ``fork_for_prefill`` may copy, counted for the scheduler's balanced free-page check
+    (``pages.balanced_free_pages``): groups x the most that any KV-head group may copy, since the copies of one
+    group come from its own share of the pool."""
+    per_head = jnp.sum(prefill_writable(cache, slot, page_size, anywhere), axis=(0, 2), dtype=jnp.int32)
+    return cache.kv_groups * jnp.max(by_group(per_head, cache.kv_groups))
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "anywhere"), donate_argnames=("cache",))
