@@ -1,10 +1,11 @@
 """dms_jax.serve.tensor_parallel: an Engine whose KV heads are split over the "tensor" axis of a mesh of fake CPU
-devices gives what one device gives -- the same greedy tokens for every kind of policy, the same logits step by
-step (atol 1e-5, float32), the same Scheduler outputs -- while each device holds only its share of the page pool
-and every head's pages stay in its own share; data-parallel replicas of tensor-parallel engines (a 4 x 2 mesh of 8
-devices) agree too, and meshes that do not fit the model are refused with a message naming the problem.
-Fake devices need XLA_FLAGS before jax is imported, so the 8-device part runs this file as a script in a
-subprocess (`python tests/test_serve_tensor_parallel.py OUT`), as test_serve_replicas.py does."""
+devices gives what one device gives -- the same greedy tokens for evicting, reducing and merging policies (DMS,
+TOVA, DMC; Quest in the slow part), the same logits step by step (atol 1e-5, float32), the same Scheduler outputs
+with a shared prefix forked -- while each device holds only its share of the page pool, every head's pages stay in
+its own share and no compiled program all-gathers a pool; data-parallel replicas of tensor-parallel engines (a
+4 x 2 mesh of 8 devices, slow part) agree too, and meshes that do not fit the model are refused with a message
+naming the problem. Fake devices need XLA_FLAGS before jax is imported, so each part runs this file as a script in
+a subprocess (`python tests/test_serve_tensor_parallel.py OUT main|slow`), as test_serve_replicas.py does."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_helpers as th  # noqa: E402
 
-POLICIES = ("dms", "tova", "quest")  # the model-decision path, a prompt reduction, page masks
+POLICIES = ("dms", "tova")  # the model-decision path, a prompt reduction and key passes (+ "dmc" below)
+SLOW_POLICIES = ("quest",)  # page masks; with the 4 x 2 replicas in the slow part (each replica compiles its own)
 
 
 def _logits_and_layout(model, prompts, mesh):
@@ -49,7 +51,7 @@ def _logits_and_layout(model, prompts, mesh):
     return steps, layout
 
 
-def _worker(out: str):
+def _worker(out: str, part: str):
     import jax
     import numpy as np
 
@@ -66,10 +68,18 @@ def _worker(out: str):
     tp = sharding.make_mesh(data=1, tensor=2, devices=jax.devices()[:2])
     kw = dict(page_size=PAGE, prefill_chunk=CHUNK)
     res = {"generate": {}}
-    for policy in POLICIES:
+    for policy in POLICIES if part == "main" else SLOW_POLICIES + ("dms",):
         got = Engine(model, policy, mesh=tp, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
         one = Engine(model, policy, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
         res["generate"][policy] = dict(tp=got.tokens(), one=one.tokens(), leftover=got.pages_in_use_at_end)
+    if part == "slow":
+        grid = sharding.make_mesh(data=4, tensor=2)
+        rep = ReplicatedEngine(model, "dms", mesh=grid, **kw)
+        got = rep.generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
+        res["replicas"] = dict(tokens=got.tokens(), one=res["generate"]["dms"]["one"],
+                               devices=[sorted(str(d) for d in e.mesh.devices.flat) for e in rep.engines])
+        Path(out).write_text(json.dumps(res))
+        return
     from test_serve_engine_dmc import _tiny_dmc_model  # merging instead of evicting: layer-by-layer allocation
 
     dmc_model = _tiny_dmc_model()
@@ -92,12 +102,6 @@ def _worker(out: str):
         sched[name] = [c.tokens for c in shared + s.generate(prompts[:4], max_new_tokens=6, stop_ids=[])]
     res["scheduler"] = sched
 
-    grid = sharding.make_mesh(data=4, tensor=2)
-    rep = ReplicatedEngine(model, "dms", mesh=grid, **kw)
-    got = rep.generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
-    res["replicas"] = dict(tokens=got.tokens(), one=res["generate"]["dms"]["one"],
-                           devices=[sorted(str(d) for d in e.mesh.devices.flat) for e in rep.engines])
-
     errors = {}
     for name, make in (
             ("tensor_too_wide", lambda: Engine(model, "dms", mesh=sharding.make_mesh(data=1, tensor=4,
@@ -114,19 +118,29 @@ def _worker(out: str):
     Path(out).write_text(json.dumps(res))
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _run_worker(tmp_path_factory, part: str, dump: Path | None = None) -> dict:
     out = tmp_path_factory.mktemp("tp") / "out.json"
-    dump = tmp_path_factory.mktemp("hlo")
     env = th.cli_env({"cache": tmp_path_factory.mktemp("jaxcache")}, devices=8)
-    env["XLA_FLAGS"] += (f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
-                         " --xla_dump_hlo_module_re=.*(prefill|decode|emit|segment|release|fork).*")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
+    if dump is not None:
+        env["XLA_FLAGS"] += (f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
+                             " --xla_dump_hlo_module_re=.*(prefill|decode|emit|segment|release|fork).*")
+    proc = subprocess.run([sys.executable, __file__, str(out), part], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("hlo")
+    res = _run_worker(tmp_path_factory, "main", dump)
     res["pool_gathers"] = _pool_gathers(dump)
     return res
+
+
+@pytest.fixture(scope="module")
+def slow_results(tmp_path_factory):
+    return _run_worker(tmp_path_factory, "slow")
 
 
 def _pool_gathers(dump: Path) -> dict:
@@ -180,8 +194,16 @@ def test_scheduler_equal_one_device(results):
     assert r["tp_reused"] == r["one_reused"] >= 3 * 20  # the prefix was forked, not prefilled again
 
 
-def test_replicas_of_tensor_parallel_engines(results):
-    r = results["replicas"]
+@pytest.mark.slow  # four more tensor-parallel engines to compile
+@pytest.mark.parametrize("policy", SLOW_POLICIES)
+def test_greedy_tokens_equal_one_device_slow(slow_results, policy):
+    r = slow_results["generate"][policy]
+    assert r["tp"] == r["one"] and r["leftover"] == 0
+
+
+@pytest.mark.slow
+def test_replicas_of_tensor_parallel_engines(slow_results):
+    r = slow_results["replicas"]
     assert r["tokens"] == r["one"]
     assert len(r["devices"]) == 4 and all(len(d) == 2 for d in r["devices"])
     assert len({d for ds in r["devices"] for d in ds}) == 8
@@ -195,4 +217,4 @@ def test_bad_meshes_are_refused(results):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])
