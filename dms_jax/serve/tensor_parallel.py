@@ -12,11 +12,11 @@ Layout under a mesh with a tensor axis of size T (``sharding.make_mesh(tensor=T)
 
 XLA's sharding propagation places the activations. Every pool array keeps its split from step to step
 (``cache_shardings`` pins them on entry, and the tests check them on exit), so the KV memory of a sequence is
-spread over the T devices: the budget of each device is ``num_pages / T`` pages. The prefill's attention runs per
-device on its own share (``over_kv_heads``: left to itself XLA gathered the whole pool there); the decode's
-attention, as XLA partitions it, already reads local pages only (the tests check both compiled programs for an
-all-gather of a pool). A data-parallel mesh axis is
-served by one such engine per replica (``replicas.ReplicatedEngine(mesh=...)``).
+spread over the T devices: the budget of each device is ``num_pages / T`` pages. The prefill's attention and the
+baselines' key passes run per device on its own share (``over_kv_heads``: left to itself, XLA all-gathered whole
+pools there); XLA's own partitioning of the decode attention needs no all-gather of a pool (the tests check every
+compiled program of the engine and scheduler for one). A data-parallel mesh axis is served by one such engine per
+replica (``replicas.ReplicatedEngine(mesh=...)``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dms_jax import sharding
 from dms_jax.model import CausalLM
 from dms_jax.serve.spec import PagedCache
 
-TENSOR = "tensor"
+TENSOR = sharding.MESH_AXES[-1]  # "tensor"
 
 
 def tensor_degree(mesh: Mesh | None) -> int:
