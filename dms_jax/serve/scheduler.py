@@ -313,7 +313,7 @@ class Scheduler:
             req = self._waiting[0]
             entry = self._best_entry(req.context) if self.reuse else None
             copies = 0 if entry is None else int(writable_count(self.cache, entry.slot, page_size=ps,
-                                                                 anywhere=anywhere))
+                                                                anywhere=anywhere))
             if self.reserve_dense and not self._dense_fits(req):
                 return
             # A preempted request comes back once its whole context fits (dense, the worst case), or once nothing
@@ -331,7 +331,7 @@ class Scheduler:
                 entry.last_used = self._tick()
                 self._shapes.add(("fork", anywhere))
                 self.cache = fork_for_prefill(self.cache, jnp.asarray(entry.slot, jnp.int32),
-                                               jnp.asarray(slot, jnp.int32), page_size=ps, anywhere=anywhere)
+                                              jnp.asarray(slot, jnp.int32), page_size=ps, anywhere=anywhere)
                 self.counters["reused_tokens"] += req.reused_tokens
             req.slot, req.todo, req.status = slot, req.context[req.reused_tokens:], "prefill"
             self._prefilling.append(req)

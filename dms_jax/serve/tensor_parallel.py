@@ -84,11 +84,9 @@ def _tensor_mesh():
     return mesh
 
 
-def _split(ndim: int, axis: int | None) -> P:
-    spec = [None] * ndim
-    if axis is not None:
-        spec[axis] = TENSOR
-    return P(*spec)
+def _split(axis: int | None) -> P:
+    """Split along ``axis`` over the tensor axis (None: replicated); the dimensions after it are not split."""
+    return P() if axis is None else P(*[None] * axis, TENSOR)
 
 
 def over_kv_heads(fn, pools: tuple, tables, args: tuple, out_axis: int):
@@ -114,10 +112,8 @@ def over_kv_heads(fn, pools: tuple, tables, args: tuple, out_axis: int):
             full[i] = a
         return fn(*given[:n_pools], ids, *full)
 
-    in_specs = (P(TENSOR),) * n_pools + (_split(tables.ndim, tables.ndim - 2),) + tuple(
-        _split(arrays[i].ndim, args[i][1]) for i in present)
-    out_ndim = jax.eval_shape(lambda: fn(*pools, tables, *arrays)).ndim
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=_split(out_ndim, out_axis))(
+    in_specs = (P(TENSOR),) * n_pools + (_split(tables.ndim - 2),) + tuple(_split(args[i][1]) for i in present)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=_split(out_axis))(
         *pools, tables, *(arrays[i] for i in present))
 
 
