@@ -295,6 +295,30 @@ def seq_live_and_pages(cache, ps):
     return live, pages
 
 
+@struct.dataclass
+class StepCount:
+    """What both decode loops (``decode_segment`` and the scheduler's) count after a step, per sequence slot."""
+
+    running: Array  # [S] bool: still running (neither preempted nor stopped by a pool error)
+    live: Array  # [S] int32 live entries held after the step
+    pages: Array  # [S] int32 pages held after the step
+    reads: Array  # [S] int32 KV entries the step's attention read (0 for rows not running)
+
+
+def decode_and_count(layer_gd, layer_params, outer, cache, tokens, running, *, spec, policy, width, backend,
+                     interpret, on_exhaustion, block_tokens=None, preempt_rank=None):
+    """One decode step of the ``running`` rows (``_decode_step``) and its ``StepCount``: the one home of how a
+    step's survivors, live entries and reads are counted. Returns (logits, cache, _StepInfo, StepCount)."""
+    logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, tokens, running, spec=spec,
+                                       policy=policy, width=width, backend=backend, interpret=interpret,
+                                       on_exhaustion=on_exhaustion, block_tokens=block_tokens,
+                                       preempt_rank=preempt_rank)
+    running = running & ~info.preempted & ~info.error
+    live, pages = seq_live_and_pages(cache, spec.page_size)
+    reads = jnp.where(running, step_reads(policy, cache, live), 0)
+    return logits, cache, info, StepCount(running=running, live=live, pages=pages, reads=reads)
+
+
 def _emit(cache, st: GenState, logits, stop_ids, *, sampling, max_new_tokens, page_size):
     """Samples the next token of every running sequence from ``logits`` [S, V] and emits it; a sequence that emits
     a stop id or reaches ``max_new_tokens`` stops and returns its pages at once."""
@@ -340,17 +364,15 @@ def decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state:
 
     def body(carry):
         cache, st = carry
-        logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, st.tok, st.running, spec=spec,
-                                           policy=policy, width=width, backend=backend, interpret=interpret,
-                                           on_exhaustion=on_exhaustion, block_tokens=block_tokens)
-        running = st.running & ~info.preempted & ~info.error
-        live, pages = seq_live_and_pages(cache, ps)
+        logits, cache, info, n = decode_and_count(layer_gd, layer_params, outer, cache, st.tok, st.running,
+                                                  spec=spec, policy=policy, width=width, backend=backend,
+                                                  interpret=interpret, on_exhaustion=on_exhaustion,
+                                                  block_tokens=block_tokens)
         st = st.replace(
-            running=running, preempted=st.preempted | info.preempted,
-            reads=st.reads + jnp.where(running, step_reads(policy, cache, live), 0),
+            running=n.running, preempted=st.preempted | info.preempted, reads=st.reads + n.reads,
             steps=st.steps + (~info.error).astype(jnp.int32),
-            peak_live=jnp.maximum(st.peak_live, jnp.where(running, live, 0)),
-            peak_pages=jnp.maximum(st.peak_pages, jnp.where(running, pages, 0)),
+            peak_live=jnp.maximum(st.peak_live, jnp.where(n.running, n.live, 0)),
+            peak_pages=jnp.maximum(st.peak_pages, jnp.where(n.running, n.pages, 0)),
             error=info.error, err_need=jnp.where(info.error, info.need, st.err_need),
             err_free=jnp.where(info.error, info.free, st.err_free),
         )

@@ -8,7 +8,7 @@
 * ``fork_for_prefill`` / ``writable_count`` -- a copy-on-write fork of a cache entry whose pages a prefill may
   write into are made private first, and how many pages that takes.
 
-``decode.decode_segment`` is the Engine's loop over the same ``decode._decode_step``: it samples from one
+``decode.decode_segment`` is the Engine's loop over the same step (``decode.decode_and_count``): it samples from one
 ``SamplingConfig`` with one key chain for the batch, which the scheduler's per-request keys cannot share without
 changing the Engine's sampled streams.
 """
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dms_jax.serve.decode import _decode_step, seq_live_and_pages, step_reads
+from dms_jax.serve.decode import decode_and_count
 from dms_jax.serve.pages import (by_group, cond_without_pools, fork, note_high_water, prefill_writable, put_slots,
                                  release, take_slots, unshare)
 from dms_jax.serve.sampling import sample_rows
@@ -96,12 +96,11 @@ def decode_rows_segment(layer_gd, layer_params, outer_gd, outer_params, cache, s
 
     def body(carry):
         cache, b = carry
-        logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, b.tok, b.running, spec=spec,
-                                           policy=policy, width=width, backend=backend, interpret=interpret,
-                                           on_exhaustion="preempt", block_tokens=block_tokens,
-                                           preempt_rank=b.rank)
-        running = b.running & ~info.preempted
-        live, _ = seq_live_and_pages(cache, ps)
+        logits, cache, info, n = decode_and_count(layer_gd, layer_params, outer, cache, b.tok, b.running,
+                                                  spec=spec, policy=policy, width=width, backend=backend,
+                                                  interpret=interpret, on_exhaustion="preempt",
+                                                  block_tokens=block_tokens, preempt_rank=b.rank)
+        running = n.running
         tok = sample_rows(logits, request_keys(b.seed, b.n_out), b.temperature, b.top_k, b.top_p)
         n_out = b.n_out + running
         is_stop = jnp.any(tok[:, None] == b.stop, axis=-1)
@@ -112,8 +111,8 @@ def decode_rows_segment(layer_gd, layer_params, outer_gd, outer_params, cache, s
             tok=jnp.where(running, tok, b.tok), running=running & ~stop, n_out=n_out,
             out=b.out.at[:, b.step].set(jnp.where(running, tok, -1)), n_new=b.n_new + running,
             finished=b.finished | stop, stopped=b.stopped | (stop & is_stop), preempted=b.preempted | info.preempted,
-            final_live=jnp.where(stop, live, b.final_live),
-            reads=b.reads + jnp.where(running, step_reads(policy, cache, live), 0),
+            final_live=jnp.where(stop, n.live, b.final_live),
+            reads=b.reads + n.reads,
             step=b.step + 1, error=b.error | info.error)
         return cache, b
 
