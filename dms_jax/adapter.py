@@ -14,6 +14,11 @@ bfloat16, so the same base loaded in float32 or bfloat16 matches and another che
 
 Tensors are stored under their Hugging Face names (``model.layers.{i}.self_attn.dms_proj_alpha.weight`` [Hkv,
 hidden], ``...dms_proj_alpha_norm.weight`` [hidden]), as in a full export.
+
+A retrofit trained with ``--trainable adapter --lowrank R`` also changed the base model's projections, by rank-R
+products (``dms_jax.lowrank``). Its file (format version 2) adds those factors under PEFT's names
+(``...q_proj.lora_A.weight`` [R, in], ``...q_proj.lora_B.weight`` [out, R], in float16); loading adds
+``lora_B @ lora_A`` into each base weight, so the loaded model is a plain one.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from dms_jax import weights
+from dms_jax import lowrank, weights
 from dms_jax.config import DMSConfig, ModelConfig
 from dms_jax.model import CausalLM
 
 FORMAT = "dms-jax-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # the decision adapter alone
+FORMAT_VERSION_LOWRANK = "2"  # with low-rank factors of the base model's projections (dms_jax.lowrank)
 ADAPTER_PARAM = "dms_proj_alpha"  # in the names of both adapter tensors of a layer
 SHIPPED_ADAPTER = Path(__file__).parent / "assets" / "smollm2_dms_adapter.safetensors"
 # Token ids are not architecture: another file of the same weights may name them differently.
@@ -108,10 +114,12 @@ def expected_adapter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_adapter_shapes(adapter: AdapterFile, cfg: ModelConfig) -> None:
-    """ValueError naming every adapter tensor that is missing, unexpected or of the wrong shape for cfg."""
+    """ValueError naming every adapter tensor that is missing, unexpected or of the wrong shape for cfg (low-rank
+    factors are checked against their weights when they are added: lowrank.add_hf_deltas)."""
     expected = expected_adapter_shapes(cfg)
     problems = [f"{n}: missing (expected shape {s})" for n, s in expected.items() if n not in adapter.tensors]
-    problems += [f"{n}: not an adapter tensor of this model" for n in adapter.tensors if n not in expected]
+    problems += [f"{n}: not an adapter tensor of this model" for n in adapter.tensors
+                 if n not in expected and not lowrank.is_hf_factor(n)]
     problems += [f"{n}: expected shape {expected[n]}, found {tuple(a.shape)}"
                  for n, a in adapter.tensors.items() if n in expected and tuple(a.shape) != expected[n]]
     if problems:
@@ -130,20 +138,26 @@ def write_adapter_file(path, tensors: Mapping[str, np.ndarray], dms_cfg: DMSConf
         raise ValueError(f"dms_config: an adapter file needs variant 'adapter', got {dms_cfg.variant!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+    factors = any(lowrank.is_hf_factor(k) for k in tensors)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION_LOWRANK if factors else FORMAT_VERSION,
                 "dms_config": json.dumps(dataclasses.asdict(dms_cfg)), "model_config": json.dumps(model_config),
                 "base_fingerprint": fingerprint, "provenance": json.dumps(provenance or {})}
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path), metadata=metadata)
+    # Factors in float16 (half the file; their product moves each weight by well under float16's resolution of it),
+    # the decision adapter in float32.
+    save_file({k: np.ascontiguousarray(v, np.float16 if lowrank.is_hf_factor(k) else np.float32)
+               for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
 
 def save_adapter(model: CausalLM, path: str | os.PathLike, provenance: dict | None = None) -> Path:
-    """Writes only the DMS adapter of `model` (variant "adapter") to a safetensors file, with its DMSConfig, the
-    base model's identity and `provenance` (e.g. command, step, results file, base_model) in the metadata."""
+    """Writes only the DMS adapter of `model` (variant "adapter"; and its low-rank factors, if it has them) to a
+    safetensors file, with its DMSConfig, the base model's identity and `provenance` (e.g. command, step, results
+    file, base_model) in the metadata."""
     if model.dms_cfg is None or model.dms_cfg.variant != "adapter":
         found = None if model.dms_cfg is None else model.dms_cfg.variant
         raise ValueError(f"model: save_adapter needs a DMS model of variant 'adapter', got variant {found!r}")
     tensors = weights.to_hf_state_dict(model, only=ADAPTER_PARAM)
+    tensors.update(lowrank.hf_factors(model))
     return write_adapter_file(path, tensors, model.dms_cfg, model_config_dict(model.cfg), base_fingerprint(model),
                               provenance)
 
@@ -165,9 +179,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise ValueError(f"adapter: {path} is not a DMS adapter file: metadata format is "
                          f"{metadata.get('format')!r}, expected {FORMAT!r} (a full model loads with "
                          f"weights.load_model(directory))")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_LOWRANK):
         raise ValueError(f"adapter: {path} has format version {metadata.get('format_version')!r}; this version "
-                         f"of dms_jax reads {FORMAT_VERSION!r}")
+                         f"of dms_jax reads {FORMAT_VERSION!r} and {FORMAT_VERSION_LOWRANK!r}")
     return AdapterFile(path, tensors, DMSConfig(**json.loads(metadata["dms_config"])),
                        json.loads(metadata["model_config"]), metadata["base_fingerprint"],
                        json.loads(metadata["provenance"]))
@@ -177,14 +191,16 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
 
 
 def attach_adapter_tensors(adapter_path, cfg: ModelConfig, tensors: dict, base_name: str) -> DMSConfig:
-    """Checks the adapter against a base model's HF-named arrays and adds its tensors to them (weights.load_model
-    with dms=PATH); returns the adapter's DMSConfig."""
+    """Checks the adapter against a base model's HF-named arrays and adds its tensors to them, its low-rank factors
+    folded into the base weights (weights.load_model with dms=PATH); returns the adapter's DMSConfig."""
     adapter = read_adapter(adapter_path)
     check_base(adapter, cfg, base_fingerprint(tensors), base_name)
     check_adapter_shapes(adapter, cfg)
+    factors = {k: v for k, v in adapter.tensors.items() if lowrank.is_hf_factor(k)}
+    lowrank.add_hf_deltas(tensors, factors)  # checks them all before it changes a weight
     for name in [k for k in tensors if ADAPTER_PARAM in k]:
         del tensors[name]
-    tensors.update(adapter.tensors)
+    tensors.update({k: v for k, v in adapter.tensors.items() if k not in factors})
     return adapter.dms_config
 
 
@@ -250,8 +266,8 @@ def checkpoint_step_dir(path: str | os.PathLike, step: int | None = None) -> Pat
 
 
 def checkpoint_adapter_tensors(step_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(HF-named adapter tensors, meta) of a distill checkpoint step; ValueError if it trained more than the
-    adapter (then the base changed too and an adapter file would not reproduce the retrofit)."""
+    """(HF-named adapter tensors and low-rank factors, meta) of a distill checkpoint step; ValueError if it trained
+    more than those (then the base changed in full and an adapter file would not reproduce the retrofit)."""
     import orbax.checkpoint as ocp
 
     meta = json.loads((step_dir / "meta" / "metadata").read_text())
@@ -269,12 +285,13 @@ def checkpoint_adapter_tensors(step_dir: Path) -> tuple[dict[str, np.ndarray], d
             for k, v in tree.items():
                 walk(v, path + (k,))
             return
-        name, transposed = weights.hf_name(path[:-1] if path[-1] == "value" else path)
+        factor = lowrank.hf_factor(path)
+        name, transposed = (factor, True) if factor else weights.hf_name(path[:-1] if path[-1] == "value" else path)
         arr = np.asarray(tree, np.float32)
         tensors[name] = arr.T if transposed else arr
 
     walk(params, ())
-    others = sorted(n for n in tensors if ADAPTER_PARAM not in n)
+    others = sorted(n for n in tensors if ADAPTER_PARAM not in n and not lowrank.is_hf_factor(n))
     if others:
         raise ValueError(f"checkpoint: {step_dir} holds trained parameters outside the adapter: {others[:3]}")
     return tensors, meta

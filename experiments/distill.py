@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from dms_jax import lowrank
 from dms_jax.eval.passkey import make_passkey_cases, score_passkey
 from dms_jax.provenance import command_line
 from dms_jax.serve.reference import generate, generate_dmc
@@ -57,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--trainable", help="'all', 'adapter' or a regex over parameter paths")
+    p.add_argument("--lowrank", type=int, metavar="R",
+                   help="with --trainable adapter: also train rank-R changes of the base model's projections "
+                        "(dms_jax.lowrank), so the retrofit ships as adapter + factors (export_adapter)")
+    p.add_argument("--lowrank-targets", default=lowrank.DEFAULT_TARGETS, metavar="REGEX",
+                   help="which Linear layers get low-rank factors (searched in paths like "
+                        "'layers.3.self_attn.q_proj'; default: every attention and MLP projection)")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float32"])
     p.add_argument("--remat", action=argparse.BooleanOptionalAction,
                    help="recompute each layer's forward in the backward pass (--no-remat: keep activations)")
@@ -77,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--neuron-decay-steps", type=int,
                    help="dmc: first-stage steps that decay the borrowed q/k neurons to zero before compression "
                         "training (default: 10%% of --steps)")
-    p.add_argument("--cr-initial", type=float, default=1.0)
+    p.add_argument("--cr-initial", type=float)
     p.add_argument("--cr-final", type=float)
     p.add_argument("--cr-final-step", type=int)
     p.add_argument("--cr-loss-weight", type=float, default=1.0,

@@ -126,7 +126,7 @@ def milestone_loaders(run_dir: Path, base_model: str | None) -> list[tuple[str, 
     def load(step):
         from flax import nnx
 
-        from dms_jax import weights
+        from dms_jax import lowrank, weights
         from dms_jax.config import DMSConfig
         from dms_jax.train import step as train
 
@@ -135,13 +135,17 @@ def milestone_loaders(run_dir: Path, base_model: str | None) -> list[tuple[str, 
         model = weights.load_model(base_model, dms=dms_cfg)
         if dms_cfg.variant == "neuron" and arch.get("neuron_init") == "zero":
             train.zero_decision_neurons(model)
+        if arch.get("lowrank"):
+            lowrank.attach(model, arch["lowrank"]["rank"], arch["lowrank"]["targets"])
         graphdef, params, frozen = nnx.split(model, train.trainable_filter(arch["trainable"]), ...)
         ck = RetrofitCheckpoints(ckpt_dir, async_save=False)
         try:
             params = ck.restore_milestone(step, params)
         finally:
             ck.close()
-        return nnx.merge(graphdef, params, frozen)
+        model = nnx.merge(graphdef, params, frozen)
+        lowrank.fold(model)  # a plain model: kernels + the milestone's low-rank products, if it has any
+        return model
 
     return [(f"{ckpt_dir.parent}@milestone{step}", {"step": int(step), "target_cr": metas[step].get("target_cr")},
              lambda step=step: load(step)) for step in sorted(steps)]

@@ -8,6 +8,7 @@ Layout (each module imports only modules listed before it, the model side and ``
   and the jitted, sharded train step with gradient accumulation;
 * ``heldout.py`` -- ``evaluate_heldout``: held-out KL, perplexities and KV statistics with hard decisions;
 * ``records.py`` -- the run's files besides checkpoints: starts.jsonl, metrics.jsonl, the plot, results JSON;
-* ``distill.py`` -- presets, settings checked before any compute, and ``run_retrofit`` (data, mesh,
+* ``presets.py`` -- the named recipes (``--preset``) and the CLI's defaults;
+* ``distill.py`` -- settings checked before any compute, and ``run_retrofit`` (data, mesh,
   checkpoints / resume, milestones, metrics, evaluation, export), which ``python -m experiments.distill`` calls.
 """

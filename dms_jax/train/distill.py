@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dms_jax import sharding, weights
+from dms_jax import lowrank, sharding, weights
 from dms_jax.checkpoint import RetrofitCheckpoints
 from dms_jax.config import DMCConfig, DMSConfig
 from dms_jax.data import batches
@@ -40,68 +40,11 @@ from dms_jax.model import abstract_model
 from dms_jax.provenance import machine_description, utc_now
 from dms_jax.train import heldout, records
 from dms_jax.train import step as train_step
+from dms_jax.train.presets import DEFAULTS, PRESETS
 from dms_jax.train.step import DistillConfig
 
 __all__ = ["PRESETS", "DEFAULTS", "SettingsError", "RunStopped", "RetrofitSettings", "validate", "parse_mesh",
            "settings_from_args", "run_retrofit"]
-
-PRESETS = {
-    # What fits ~60 minutes of this 2-core CPU for SmolLM2-135M (see docs/results/retrofit_smollm2.json).
-    # The adapter starts exactly at "evict nothing" (KL 0); zeroing a borrowed neuron costs ~0.25 nats of KL at
-    # step 0 on SmolLM2, more than a short CPU run can win back.
-    # A quarter of the rows are synthetic recall rows (dms_jax.data.synthetic.make_recall_rows): trained on Python's
-    # docs alone, the retrofit reached CR 6.2 but evicted passkeys (0/30 retrieved; docs/results/README.md).
-    "cpu": dict(steps=200, batch_size=4, grad_accum=1, seq_len=256, window=64, cr_final=4.5, cr_final_step=150,
-                lr=1e-4, trainable="all", variant="adapter", checkpoint_every=40, eval_seqs=16, eval_seq_len=2048,
-                passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25),
-    # DMC (merge-based predecessor) on the same CPU budget and data as "cpu": 200 steps of 4 x 256 tokens, a quarter
-    # recall rows, target CR 4.5 at step 150 as there (cr_final_step counts from the end of the neuron-decay stage,
-    # so 150 - 20 = 130), then 50 steps at 4.5. Neuron decay: the reference gives it a run of its own; here 20 steps
-    # (10%, the CLI default): the borrowed q/k neurons fall to 0 over 16 of them, 4 more train at 0, then the weights
-    # are zeroed. DMC borrows element d-1 of every q and k head (DMS one q head per group): on SmolLM2, zeroing them at
-    # step 0 costs 0.64 nats of KL, after the 20 decay steps the first compression step starts at ~0.17 (steps 17-20
-    # at scale 0: 0.11-0.16), while 20 steps still leave 130 for the CR ramp.
-    # Merge logit 100 * k[d-1] - 3 (the reference: 1 * k[d-1] - 5). Unscaled, two runs never left "append
-    # everything": at -5 only ~0.7% of the logistic noise reaches the decision boundary, and each borrowed weight
-    # moves ~lr per step under Adam. A 40-step probe with scale 100 (offset 5) left the noise floor and was still
-    # speeding up (merge fraction 0.007 -> 0.08 in 30 steps); offset 3 starts where the gradient is 7x larger.
-    "cpu-dmc": dict(method="dmc", neuron_decay_steps=20, steps=200, batch_size=4, grad_accum=1, seq_len=256,
-                    cr_final=4.5, cr_final_step=130, lr=1e-4, trainable="all", checkpoint_every=40, eval_seqs=16,
-                    eval_seq_len=2048, passkey_cases=30, passkey_lengths="1024,2048", recall_fraction=0.25,
-                    dmc_logit_scale=100.0, dmc_offset=3.0),
-    # Recipe v3 (docs/results/retrofit_smollm2_v3.json): rows as long as the evaluation's prompts (1K tokens), half
-    # of them long-range rows (dms_jax.data.synthetic: facts and variable chains in many wordings, asked for
-    # 128+ tokens later), CR 1 -> 8 at 100 steps per unit of CR, milestones at every whole CR. Only the decision
-    # adapter trains (frozen base, as in the public reference recipe): the all-weights v2 retrofit kept its
-    # accuracy on one prompt wording and lost it on others, and a frozen base cannot drift from the original.
-    # Several hours on 2 cores: run it in the background and continue it with --resume.
-    "cpu-v3": dict(steps=760, batch_size=2, grad_accum=1, seq_len=1024, window=64, cr_final=8.0, cr_final_step=700,
-                   lr=1e-4, trainable="adapter", variant="adapter", checkpoint_every=10, eval_seqs=8,
-                   eval_seq_len=2048, passkey_cases=0, passkey_lengths="1024,2048", recall_fraction=0.5,
-                   synthetic_kind="longrange", compute_dtype="float32", remat=False),
-    # Recipe v4: v3 with the long-range rows' question blocks weighing 10x in the KL (in a 1K row the ~10 answer
-    # tokens that need a far statement otherwise carry ~1% of the loss), continued from v3's CR-4 milestone (step
-    # 300, whole-cache 3.39 measured; --warm-start) at the same schedule point (1 -> 5 over 400 steps is 4.0 at
-    # step 300), to CR 5 at step 400, then 100 steps held there.
-    "cpu-v4": dict(steps=500, batch_size=2, grad_accum=1, seq_len=1024, window=64, cr_final=5.0, cr_final_step=400,
-                   lr=1e-4, trainable="adapter", variant="adapter", checkpoint_every=10, eval_seqs=8,
-                   eval_seq_len=2048, passkey_cases=0, passkey_lengths="1024,2048", recall_fraction=0.5,
-                   synthetic_kind="longrange", compute_dtype="float32", remat=False, answer_weight=10.0),
-    # The README demo: a few minutes end to end.
-    "demo": dict(steps=30, batch_size=2, grad_accum=1, seq_len=128, window=32, cr_final=3.0, cr_final_step=20,
-                 lr=1e-4, trainable="all", variant="adapter", checkpoint_every=10, eval_seqs=4, eval_seq_len=512,
-                 passkey_cases=4, passkey_lengths="512", recall_fraction=0.25),
-    # Tests: seconds.
-    "tiny": dict(steps=6, batch_size=2, grad_accum=1, seq_len=32, window=4, cr_final=2.0, cr_final_step=4,
-                 lr=1e-3, trainable="all", checkpoint_every=2, eval_seqs=2, eval_seq_len=64, passkey_cases=0,
-                 passkey_lengths="512"),
-}
-DEFAULTS = dict(steps=300, batch_size=4, grad_accum=1, seq_len=256, window=256, cr_final=4.0, cr_final_step=None,
-                variant="neuron", method="dms", dmc_logit_scale=1.0, dmc_offset=5.0,
-                lr=3e-5, trainable="all", checkpoint_every=50, eval_seqs=16, eval_seq_len=2048, passkey_cases=0,
-                passkey_lengths="1024,2048", recall_fraction=0.0, synthetic_kind="recall", compute_dtype="bfloat16",
-                remat=True, answer_weight=1.0)
-
 
 class SettingsError(ValueError):
     """A setting refused before any compute (the CLI reports it as a usage error, exit status 2)."""
@@ -185,7 +128,8 @@ def validate(args):
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
         cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
         trainable=args.trainable, compute_dtype=args.compute_dtype, remat=args.remat, seed=args.seed,
-        method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0, cr_loss_weight=args.cr_loss_weight)
+        method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0, cr_loss_weight=args.cr_loss_weight,
+        lowrank=args.lowrank, lowrank_targets=args.lowrank_targets)
     mesh_sizes = parse_mesh(args.mesh)
     for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
         if getattr(args, name) < 0 or (name in ("checkpoint_every", "eval_seq_len") and getattr(args, name) < 1):
@@ -352,6 +296,8 @@ def _open_run(s: RetrofitSettings) -> _Run:
     if s.init_adapter and model.dms_cfg != s.dms_cfg:
         raise SettingsError(f"--init-adapter: {s.init_adapter} was made with {model.dms_cfg}, this run has "
                             f"{s.dms_cfg}")
+    if s.train_cfg.lowrank:  # before the split: the factors are trainable parameters of the student
+        lowrank.attach(model, s.train_cfg.lowrank, s.train_cfg.lowrank_targets, seed=s.train_cfg.seed)
     start_step = _warm_start_step(s, model) if s.warm_start else 0
     tokenizer = weights.load_tokenizer(model_path)
     if s.train_cfg.seq_len > model.cfg.max_position_embeddings:
@@ -390,6 +336,8 @@ def _arch_meta(s: RetrofitSettings, model_cfg) -> dict:
     arch = {"model_config": dataclasses.asdict(model_cfg),
             "dms_config": dataclasses.asdict(s.dms_cfg) if s.dms_cfg else None,
             "trainable": s.train_cfg.trainable, "neuron_init": s.neuron_init}
+    if s.train_cfg.lowrank:  # only then, so runs from before low-rank factors existed still resume
+        arch["lowrank"] = {"rank": s.train_cfg.lowrank, "targets": s.train_cfg.lowrank_targets}
     if s.dmc_cfg is not None:
         arch.update(method="dmc", dmc_config=dataclasses.asdict(s.dmc_cfg),
                     neuron_decay_steps=s.train_cfg.neuron_decay_steps)
@@ -547,7 +495,8 @@ def _evaluate(run: _Run, train_seconds: float, passkey: Callable | None):
     decisions, against the original model in float32."""
     s = run.s
     eval_graphdef = nnx.split(abstract_model(run.model_cfg, s.dms_cfg, dmc_cfg=s.dmc_cfg))[0]
-    student = nnx.merge(eval_graphdef, _to_host(run.params), _to_host(run.frozen))
+    # Low-rank factors (if any) fold into the kernels: the student evaluated and exported is a plain model.
+    student = nnx.merge(eval_graphdef, *lowrank.fold_states(_to_host(run.params), _to_host(run.frozen)))
     summary = {"steps": s.train_cfg.steps, "wall_seconds_train": train_seconds}
     if run.is_main and s.eval_seqs:
         rows = build_dataset(run.tokenizer, s.eval_seq_len, s.data, text_field=s.text_field, last="drop").heldout
@@ -595,6 +544,7 @@ def _results(run: _Run, summary: dict) -> dict:
         "tokens_per_step": run.tokens_per_step,
         "lr": cfg.lr,
         "trainable": cfg.trainable,
+        **({"lowrank": cfg.lowrank, "lowrank_targets": cfg.lowrank_targets} if cfg.lowrank else {}),
         "cr_schedule": [cfg.cr_initial, cfg.cr_final, cfg.schedule_final_step],
         "cr_loss_weight": cfg.cr_loss_weight,
         "compute_dtype": cfg.compute_dtype,

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from dms_jax import dmc, dms
+from dms_jax import lowrank as lowrank_mod
 from dms_jax.model import CausalLM
 from dms_jax.train.losses import kl_student_teacher
 
@@ -61,6 +62,10 @@ class DistillConfig:
     # gradients on the decision parameters matters, so > 1 makes the achieved CR follow the schedule more closely
     # at a higher KL: a way to reach a target CR in fewer steps.
     cr_loss_weight: float = 1.0
+    # > 0: the base model's projections (those matching lowrank_targets) train only as rank-`lowrank` products
+    # (dms_jax.lowrank), beside the decision adapter; needs trainable="adapter". 0: no factors.
+    lowrank: int = 0
+    lowrank_targets: str = lowrank_mod.DEFAULT_TARGETS
 
     def __post_init__(self):
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -90,6 +95,11 @@ class DistillConfig:
                              f"got {self.neuron_decay_steps}")
         if not self.cr_loss_weight > 0:
             raise ValueError(f"cr_loss_weight must be > 0, got {self.cr_loss_weight}")
+        if self.lowrank < 0:
+            raise ValueError(f"lowrank must be >= 0, got {self.lowrank}")
+        if self.lowrank and (self.trainable != "adapter" or self.method != "dms"):
+            raise ValueError("lowrank > 0 trains low-rank factors beside the DMS decision adapter of a frozen base: "
+                             f"it needs trainable='adapter' and method='dms', got {self.trainable!r}, {self.method!r}")
         if self.method == "dms" and self.neuron_decay_steps:
             raise ValueError("neuron_decay_steps is DMC's first stage; method='dms' takes none")
 
@@ -114,11 +124,12 @@ def hf_style_name(path) -> str:
 
 def trainable_filter(spec: str) -> Callable:
     """nnx filter selecting trainable parameters: "all", "adapter" or a regex searched in the parameter path
-    (dotted, e.g. "layers.3.self_attn.q_proj.kernel")."""
+    (dotted, e.g. "layers.3.self_attn.q_proj.kernel"). "adapter" also selects low-rank factors where a model has
+    them (dms_jax.lowrank.attach): they exist only to be trained."""
     if spec == "all":
         return nnx.Param
     if spec == "adapter":
-        pattern = re.compile(r"dms_proj_alpha")
+        pattern = re.compile(r"dms_proj_alpha|\.lora_[ab]$")
     else:
         try:
             pattern = re.compile(spec)
@@ -194,6 +205,7 @@ def distill_loss(graphdef, params, frozen, teacher, tokens, valid, noise_key, ta
     """KL + cr_loss_weight * hinge (the logged loss_cr is the unweighted hinge). neuron_scale (DMC stage one): the
     student runs uncompressed with its borrowed neurons scaled, and the loss is the KL alone. loss_weight [B, T]
     (None: 1) weighs each position's KL; the compression hinge counts every valid decision alike."""
+    _, frozen = lowrank_mod.fold_states(params, frozen)  # kernel + a @ b where the student has low-rank factors
     student = nnx.merge(graphdef, params, frozen)
     teacher_model = nnx.merge(graphdef, teacher)
     t_logits, _ = teacher_model(tokens, valid=valid, dms_mode="off")
