@@ -55,11 +55,12 @@ def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0) -> l
     chosen = [(name, node) for name, node in linears if pattern.search(name)]
     if not chosen:
         raise ValueError(f"lowrank targets {targets!r} match no Linear of the model (e.g. {linears[0][0]!r})")
+    smallest, name = min((min(node.kernel[...].shape), name) for name, node in chosen)
+    if rank > smallest:  # checked before any factor is added: a refused model stays as it was
+        raise ValueError(f"lowrank rank must be <= {smallest} (the smaller side of {name}), got {rank}")
     key = jax.random.key(seed)
     for i, (name, node) in enumerate(chosen):
         d_in, d_out = node.kernel[...].shape
-        if rank > min(d_in, d_out):
-            raise ValueError(f"lowrank rank must be <= {min(d_in, d_out)} (the smaller side of {name}), got {rank}")
         bound = 1.0 / np.sqrt(d_in)
         node.lora_a = nnx.Param(jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32,
                                                    -bound, bound))

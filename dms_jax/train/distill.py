@@ -297,7 +297,10 @@ def _open_run(s: RetrofitSettings) -> _Run:
         raise SettingsError(f"--init-adapter: {s.init_adapter} was made with {model.dms_cfg}, this run has "
                             f"{s.dms_cfg}")
     if s.train_cfg.lowrank:  # before the split: the factors are trainable parameters of the student
-        lowrank.attach(model, s.train_cfg.lowrank, s.train_cfg.lowrank_targets, seed=s.train_cfg.seed)
+        try:
+            lowrank.attach(model, s.train_cfg.lowrank, s.train_cfg.lowrank_targets, seed=s.train_cfg.seed)
+        except ValueError as e:  # a rank above a projection's side, targets that match nothing
+            raise SettingsError(f"--lowrank / --lowrank-targets: {e}") from e
     start_step = _warm_start_step(s, model) if s.warm_start else 0
     tokenizer = weights.load_tokenizer(model_path)
     if s.train_cfg.seq_len > model.cfg.max_position_embeddings:
