@@ -58,6 +58,12 @@ class AdapterFile:
     base_fingerprint: str
     provenance: dict
 
+    @property
+    def has_lowrank(self) -> bool:
+        """Whether it also changes base weights (low-rank factors), so the base alone is not the retrofit's original
+        model run without eviction."""
+        return any(lowrank.is_hf_factor(k) for k in self.tensors)
+
 
 # ----------------------------------------------------------------------------------------------- base identity
 

@@ -1,8 +1,8 @@
 """`make demo`: SmolLM2-135M-Instruct and its DMS retrofit side by side, in about a minute on a CPU.
 
-Loads a shipped adapter-only DMS retrofit (dms_jax/assets/smollm2_dms_adapter.safetensors, made by
-`python -m experiments.export_adapter` from a distill run) onto the embedded base model and runs the original
-model (no eviction) and the retrofit (learned eviction) through the paged engine on the same long prompts:
+Loads a shipped DMS retrofit file (dms_jax/assets/smollm2_dms_adapter.safetensors, made by
+`python -m experiments.export_adapter` from a distill run: the decision adapter, and low-rank changes of the base
+weights if the retrofit trained them) onto the embedded base model and runs the original model (no eviction) and the retrofit (learned eviction) through the paged engine on the same long prompts:
 retrieval in several wordings, a question about the middle of a document and a two-turn exchange. It prints
 the answers side by side with the KV memory each held, the decode reads and the measured whole-cache
 compression (dense entries / live entries), and writes docs/results/demo.json and demo.png.
@@ -68,12 +68,16 @@ def run_side_by_side(args, argv) -> dict:
     base = weights.resolve_model_path(args.base)
     model = weights.load_model(base, dms=args.adapter)
     tokenizer = weights.load_tokenizer(base)
-    provenance_of_adapter = adapter.read_adapter(args.adapter).provenance
+    shipped = adapter.read_adapter(args.adapter)
+    provenance_of_adapter = shipped.provenance
+    # A low-rank retrofit changed the base weights: the original is then the base model itself.
+    original = weights.load_model(base) if shipped.has_lowrank else None
     prompts = side_by_side.demo_prompts(tokenizer, args.tokens, args.cases)
     print(f"{len(prompts)} prompts of ~{args.tokens} tokens; DMS window {model.dms_cfg.window}; adapter "
           f"{args.adapter} (step {provenance_of_adapter.get('step')}, target CR "
           f"{provenance_of_adapter.get('target_cr')})", flush=True)
-    report = side_by_side.compare(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    report = side_by_side.compare(model, tokenizer, prompts, original_model=original,
+                                  max_new_tokens=args.max_new_tokens)
     seconds = time.perf_counter() - t0
     print(side_by_side.format_table(report))
     result = {"compression": report["compression"], "seconds": seconds,

@@ -105,3 +105,28 @@ def test_demo_side_by_side_on_a_tiny_model(tiny, tmp_path, capsys):
     dense = sum(r["dms"]["dense_tokens"] for r in saved["rows"])
     live = sum(r["dms"]["final_live_tokens"] for r in saved["rows"])
     assert saved["compression"] == pytest.approx(dense / live) and saved["compression"] > 1.2
+
+
+def test_a_low_rank_retrofit_is_compared_with_the_base_model(tiny, tmp_path):
+    """A file with low-rank factors changes base weights: the demo's original must be the base model alone, so its
+    original answers are those of the adapter-only file (whose original is the base), while the retrofit's change."""
+    from dms_jax import lowrank
+    from experiments import demo
+
+    model = weights.load_model(tiny["base"], dms=tiny["adapter"])
+    lowrank.attach(model, 2)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
+            proj.lora_a[...] = jnp.asarray(rng.normal(0, 1.0, proj.lora_a[...].shape), jnp.float32)
+            proj.lora_b[...] = jnp.asarray(rng.normal(0, 1.0, proj.lora_b[...].shape), jnp.float32)
+    path = adapter.save_adapter(model, tmp_path / "lowrank.safetensors", {"step": 3})
+    assert adapter.read_adapter(path).has_lowrank and not adapter.read_adapter(tiny["adapter"]).has_lowrank
+    runs = {}
+    for name, file in (("plain", tiny["adapter"]), ("lowrank", path)):
+        runs[name] = demo.main(["--base", str(tiny["base"]), "--adapter", str(file), "--tokens", str(TOKENS),
+                                "--max-new-tokens", "4", "--out", str(tmp_path / f"{name}.json"), "--no-plot"])
+    answers = {name: [(r["original"]["answer"], r["dms"]["answer"]) for r in run["rows"] if "turn 2" not in
+                      r["prompt"]] for name, run in runs.items()}
+    assert [o for o, _ in answers["plain"]] == [o for o, _ in answers["lowrank"]]
+    assert [d for _, d in answers["plain"]] != [d for _, d in answers["lowrank"]]

@@ -2,7 +2,8 @@
 
 An adapter-only retrofit keeps every base weight, so the original model is the retrofitted model run without
 eviction (``Engine(model, "vanilla")``) and the retrofit is the same model with its learned eviction
-(``Engine(model, "dms")``). Each prompt goes to both; each answer comes with its score and its KV-cache figures
+(``Engine(model, "dms")``); a low-rank retrofit (dms_jax.lowrank) changed the base weights, so its original is the
+base model loaded on its own. Each prompt goes to both; each answer comes with its score and its KV-cache figures
 from the engine's RequestMetrics: entries held at most (and the bytes of the pages holding them), decode reads, and
 the measured whole-cache compression, dense entries / live entries at the end.
 
@@ -153,10 +154,12 @@ def summary(original: list[dict], dms: list[dict]) -> dict:
             "peak_kv_bytes_dms": total(dms, "peak_kv_bytes"), "answers": len(dms)}
 
 
-def compare(model, tokenizer, prompts: list[DemoPrompt], **kw) -> dict:
+def compare(model, tokenizer, prompts: list[DemoPrompt], original_model=None, **kw) -> dict:
     """Both policies on the same prompts: {"rows": [{prompt, original, dms}], "seconds_original", "seconds_dms",
-    + summary()}. kw: run_policy's max_new_tokens, page_size, prefill_chunk."""
-    original, seconds_original = run_policy(model, tokenizer, "vanilla", prompts, **kw)
+    + summary()}. original_model: the original model, when the retrofit changed base weights (a low-rank one);
+    None: ``model`` itself without eviction. kw: run_policy's max_new_tokens, page_size, prefill_chunk."""
+    original, seconds_original = run_policy(model if original_model is None else original_model, tokenizer,
+                                            "vanilla", prompts, **kw)
     dms, seconds_dms = run_policy(model, tokenizer, "dms", prompts, **kw)
     rows = [{"prompt": o["prompt"], "original": o, "dms": d} for o, d in zip(original, dms)]
     return {"rows": rows, "seconds_original": seconds_original, "seconds_dms": seconds_dms,
