@@ -67,7 +67,7 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         if isinstance(x, nnx.Variable):
             # Keep the Variable node so the result has the state's tree structure (leaves: shardings).
             names = x.get_metadata().get("out_sharding")
-            spec = _spec_for(names, x.value.shape, mesh) if names else P()
+            spec = _spec_for(names, x.get_value().shape, mesh) if names else P()
             return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, P())
 

@@ -37,6 +37,7 @@ from dms_jax.serve.pages import (by_group, compact_selected_pages, compacted_slo
                                  select_preemptions, without_pools, write_kv)
 from dms_jax.serve.plans import apply_decode_plan, dmc_decode_slots, plan_decode, set_previous_decision
 from dms_jax.serve.sampling import sample_next
+from dms_jax.serve.tensor_parallel import over_kv_heads
 from pallas_kernels import paged_decode_attention
 from pallas_kernels.xla_blocked import paged_attention_blocked
 
@@ -49,6 +50,17 @@ class _StepInfo:
     error: Array  # [] bool: pages did not fit and on_exhaustion == "error" (step not applied), or overflow
     need: Array  # [] int32 pages the step asked for
     free: Array  # [] int32 free pages before the step
+
+
+def _kernel_attention(q, k_pages, v_pages, tables, lengths, page_mask, backend, interpret):
+    """``pallas_kernels.paged_decode_attention`` (the "xla" reference or a Pallas kernel) of q [S, Hkv, G, D]. Under a
+    tensor-parallel mesh each device runs it on its own share of the pools for its own KV heads
+    (``tensor_parallel.over_kv_heads``): a kernel cannot be split by XLA, and the reference's gather of every table
+    entry would otherwise read pages across devices."""
+    def attend(kp, vp, tab, q_, lens, mask):
+        return paged_decode_attention(q_, kp, vp, tab, lens, page_mask=mask, backend=backend, interpret=interpret)
+
+    return over_kv_heads(attend, (k_pages, v_pages), tables, ((q, 1), (lengths, 1), (page_mask, 1)), out_axis=1)
 
 
 def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend, interpret,
@@ -113,8 +125,7 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
                 out, k_pages2, v_pages2 = paged_attention_blocked(q, k_pages2, v_pages2, tab, lens,
                                                                   block_tokens=block_tokens, return_pools=True)
             else:
-                out = paged_decode_attention(q, k_pages2, v_pages2, tables, lengths, page_mask=page_mask,
-                                             backend=backend, interpret=interpret)
+                out = _kernel_attention(q, k_pages2, v_pages2, tables, lengths, page_mask, backend, interpret)
             # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
             obs = None if pst is None else (q, p.k[:, 0], page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (k_pages2, v_pages2, ring_dec2, obs)
@@ -191,8 +202,7 @@ def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, sp
             else:
                 kp, vp = copy_pages(k_pages, v_pages, *cow)
                 kp, vp = write_kv(kp, vp, page, off, state_k, state_v)
-                out = paged_decode_attention(q, kp, vp, tables2[..., :width], lengths2, backend=backend,
-                                             interpret=interpret)
+                out = _kernel_attention(q, kp, vp, tables2[..., :width], lengths2, None, backend, interpret)
             win2 = {"win_k": win_k, "win_v": win_v, "win_w": win_w, "seg_len": seg_len}
             return out.reshape(s, 1, -1, d), (kp, vp, refcount2, (tables2, lengths2, win2,
                                                                   (cow, page, off, state_k, state_v)))

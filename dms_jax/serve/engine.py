@@ -177,10 +177,6 @@ class Engine:
         self.kv_groups = 1
         if mesh is not None:  # tensor parallel over KV heads (tensor_parallel.py)
             self.kv_groups = check_mesh(mesh, self.cfg.num_kv_heads)
-            if self.backend not in ("xla_blocked", "xla"):
-                raise ValueError(f"a mesh needs attention_backend 'xla_blocked' or 'xla' (the Pallas kernels are not "
-                                 f"partitioned over KV heads yet), got {attention_backend!r} (resolved: "
-                                 f"{self.backend!r})")
             model = place_model(model, mesh)
         (self._layer_gd, self._layer_params, self._layer_list, self._outer_gd,
          self._outer_params) = split_model(model)

@@ -12,10 +12,11 @@ Layout under a mesh with a tensor axis of size T (``sharding.make_mesh(tensor=T)
 
 XLA's sharding propagation places the activations. Every pool array keeps its split from step to step
 (``cache_shardings`` pins them on entry, and the tests check them on exit), so the KV memory of a sequence is
-spread over the T devices: the budget of each device is ``num_pages / T`` pages. The prefill's attention and the
-baselines' key passes run per device on its own share (``over_kv_heads``: left to itself, XLA all-gathered whole
-pools there); XLA's own partitioning of the decode attention needs no all-gather of a pool (the tests check every
-compiled program of the engine and scheduler for one). A data-parallel mesh axis is served by one such engine per
+spread over the T devices: the budget of each device is ``num_pages / T`` pages. The prefill's attention, the
+decode attention of the kernel backends (the Pallas kernels, which XLA cannot split, and the "xla" reference) and
+the baselines' key passes run per device on its own share (``over_kv_heads``: left to itself, XLA all-gathered whole
+pools there); XLA's own partitioning of the blocked decode attention needs no all-gather of a pool (the tests check
+every compiled program of the engine and scheduler for one). A data-parallel mesh axis is served by one such engine per
 replica (``replicas.ReplicatedEngine(mesh=...)``).
 """
 
@@ -113,7 +114,9 @@ def over_kv_heads(fn, pools: tuple, tables, args: tuple, out_axis: int):
         return fn(*given[:n_pools], ids, *full)
 
     in_specs = (P(TENSOR),) * n_pools + (_split(tables.ndim - 2),) + tuple(_split(args[i][1]) for i in present)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=_split(out_axis))(
+    # check_vma off: a Pallas kernel's output shapes carry no varying-axes annotation, which the check requires;
+    # the output is split by out_specs either way.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=_split(out_axis), check_vma=False)(
         *pools, tables, *(arrays[i] for i in present))
 
 
