@@ -39,12 +39,17 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0) -> list[str]:
+def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0, init_scale: float = 1.0) -> list[str]:
     """Adds rank-``rank`` factors to every nnx.Linear whose dotted path (e.g. "layers.3.self_attn.q_proj") matches
-    the regex ``targets``; returns those paths. ``lora_a`` is uniform in +-1/sqrt(in) (PEFT's default), ``lora_b``
-    zero. ValueError for a rank < 1, a bad or matchless pattern, or a model that already has factors."""
+    the regex ``targets``; returns those paths. ``lora_a`` is uniform in +-init_scale/sqrt(in) (1: PEFT's default),
+    ``lora_b`` zero. Under Adam each step moves ``lora_b`` by about the learning rate whatever its gradient's size,
+    so the product grows init_scale times faster: the role LoRA's alpha / r plays, without a factor to carry into
+    the file. ValueError for a rank < 1, a scale <= 0, a bad or matchless pattern, or a model that already has
+    factors."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"lowrank rank must be an integer >= 1, got {rank!r}")
+    if not init_scale > 0:
+        raise ValueError(f"lowrank init_scale must be > 0, got {init_scale!r}")
     try:
         pattern = re.compile(targets)
     except re.error as e:
@@ -61,7 +66,7 @@ def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0) -> l
     key = jax.random.key(seed)
     for i, (name, node) in enumerate(chosen):
         d_in, d_out = node.kernel[...].shape
-        bound = 1.0 / np.sqrt(d_in)
+        bound = init_scale / np.sqrt(d_in)
         node.lora_a = nnx.Param(jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32,
                                                    -bound, bound))
         node.lora_b = nnx.Param(jnp.zeros((rank, d_out), jnp.float32))

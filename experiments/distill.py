@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--lowrank", type=int, metavar="R",
                    help="with --trainable adapter: also train rank-R changes of the base model's projections "
                         "(dms_jax.lowrank), so the retrofit ships as adapter + factors (export_adapter)")
+    p.add_argument("--lowrank-init-scale", type=float, metavar="S",
+                   help="the factors' initial range times S: the low-rank change then grows ~S times faster "
+                        "(LoRA's alpha / r under Adam)")
     p.add_argument("--lowrank-targets", default=lowrank.DEFAULT_TARGETS, metavar="REGEX",
                    help="which Linear layers get low-rank factors (searched in paths like "
                         "'layers.3.self_attn.q_proj'; default: every attention and MLP projection)")

@@ -1,11 +1,12 @@
-"""Export the DMS adapter of an adapter-only distill run as one small file (dms_jax.adapter).
+"""Export the DMS adapter of an adapter-only distill run (with its low-rank factors, for a --lowrank run) as one
+small file (dms_jax.adapter).
 
     python -m experiments.export_adapter runs/distill --out adapter.safetensors             # newest milestone
     python -m experiments.export_adapter runs/distill/checkpoints/milestones/300 --out FILE     # one step
 
 The source is a run directory, its checkpoints/ (milestones/ or latest/) or one step directory; the file holds
-the adapter tensors, the DMSConfig, the base model's identity (architecture and fingerprint) and the provenance
-(the run's command, step, target CR and results file, plus --note). Load it with
+the adapter tensors (and factors), the DMSConfig, the base model's identity (architecture and fingerprint) and the
+provenance (the run's command, step, target CR and results file, plus --note). Load it with
 `weights.load_model(base, dms="adapter.safetensors")`.
 """
 

@@ -85,12 +85,21 @@ def test_attach_adds_zero_started_factors_to_every_projection(base):
     (dict(rank=17), "lowrank rank must be <= 16 (the smaller side of layers.0.self_attn.k_proj)"),
     (dict(rank=2, targets="q_proj("), "lowrank targets must be a valid regex"),
     (dict(rank=2, targets="no_such_layer"), "match no Linear of the model"),
+    (dict(rank=2, init_scale=0.0), "lowrank init_scale must be > 0, got 0.0"),
 ])
 def test_attach_refuses_bad_settings(base, kwargs, message):
     model = create_model(CFG, DMS, seed=0)
     with pytest.raises(ValueError, match=re.escape(message)):
         lowrank.attach(model, **kwargs)
     assert not lowrank.has_factors(nnx.state(model))  # a refused model is left as it was
+
+
+def test_init_scale_widens_the_first_factor():
+    model = create_model(CFG, DMS, seed=0)
+    lowrank.attach(model, 3, init_scale=4.0)
+    a = np.asarray(model.layers[0].self_attn.k_proj.lora_a[...])
+    assert np.abs(a).max() <= 4 / np.sqrt(32) and np.abs(a).max() > 2 / np.sqrt(32)
+    assert np.all(np.asarray(model.layers[0].self_attn.k_proj.lora_b[...]) == 0)
 
 
 def test_attach_twice_is_refused_and_targets_select_layers():

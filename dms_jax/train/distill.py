@@ -129,7 +129,7 @@ def validate(args):
         cr_initial=args.cr_initial, cr_final=args.cr_final, cr_final_step=args.cr_final_step,
         trainable=args.trainable, compute_dtype=args.compute_dtype, remat=args.remat, seed=args.seed,
         method=args.method, neuron_decay_steps=args.neuron_decay_steps or 0, cr_loss_weight=args.cr_loss_weight,
-        lowrank=args.lowrank, lowrank_targets=args.lowrank_targets)
+        lowrank=args.lowrank, lowrank_targets=args.lowrank_targets, lowrank_init_scale=args.lowrank_init_scale)
     mesh_sizes = parse_mesh(args.mesh)
     for name in ("eval_seqs", "eval_seq_len", "passkey_cases", "checkpoint_every"):
         if getattr(args, name) < 0 or (name in ("checkpoint_every", "eval_seq_len") and getattr(args, name) < 1):
@@ -298,7 +298,8 @@ def _open_run(s: RetrofitSettings) -> _Run:
                             f"{s.dms_cfg}")
     if s.train_cfg.lowrank:  # before the split: the factors are trainable parameters of the student
         try:
-            lowrank.attach(model, s.train_cfg.lowrank, s.train_cfg.lowrank_targets, seed=s.train_cfg.seed)
+            lowrank.attach(model, s.train_cfg.lowrank, s.train_cfg.lowrank_targets, seed=s.train_cfg.seed,
+                           init_scale=s.train_cfg.lowrank_init_scale)
         except ValueError as e:  # a rank above a projection's side, targets that match nothing
             raise SettingsError(f"--lowrank / --lowrank-targets: {e}") from e
     start_step = _warm_start_step(s, model) if s.warm_start else 0
@@ -547,7 +548,8 @@ def _results(run: _Run, summary: dict) -> dict:
         "tokens_per_step": run.tokens_per_step,
         "lr": cfg.lr,
         "trainable": cfg.trainable,
-        **({"lowrank": cfg.lowrank, "lowrank_targets": cfg.lowrank_targets} if cfg.lowrank else {}),
+        **({"lowrank": cfg.lowrank, "lowrank_targets": cfg.lowrank_targets,
+            "lowrank_init_scale": cfg.lowrank_init_scale} if cfg.lowrank else {}),
         "cr_schedule": [cfg.cr_initial, cfg.cr_final, cfg.schedule_final_step],
         "cr_loss_weight": cfg.cr_loss_weight,
         "compute_dtype": cfg.compute_dtype,

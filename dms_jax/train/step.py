@@ -66,6 +66,7 @@ class DistillConfig:
     # (dms_jax.lowrank), beside the decision adapter; needs trainable="adapter". 0: no factors.
     lowrank: int = 0
     lowrank_targets: str = lowrank_mod.DEFAULT_TARGETS
+    lowrank_init_scale: float = 1.0  # lora_a's initial range times this (dms_jax.lowrank.attach)
 
     def __post_init__(self):
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -97,6 +98,8 @@ class DistillConfig:
             raise ValueError(f"cr_loss_weight must be > 0, got {self.cr_loss_weight}")
         if self.lowrank < 0:
             raise ValueError(f"lowrank must be >= 0, got {self.lowrank}")
+        if not self.lowrank_init_scale > 0:
+            raise ValueError(f"lowrank_init_scale must be > 0, got {self.lowrank_init_scale}")
         if self.lowrank and (self.trainable != "adapter" or self.method != "dms"):
             raise ValueError("lowrank > 0 trains low-rank factors beside the DMS decision adapter of a frozen base: "
                              f"it needs trainable='adapter' and method='dms', got {self.trainable!r}, {self.method!r}")
