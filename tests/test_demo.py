@@ -107,6 +107,7 @@ def test_demo_side_by_side_on_a_tiny_model(tiny, tmp_path, capsys):
     assert saved["compression"] == pytest.approx(dense / live) and saved["compression"] > 1.2
 
 
+@pytest.mark.slow  # two demo runs; ~40 s quiet
 def test_a_low_rank_retrofit_is_compared_with_the_base_model(tiny, tmp_path):
     """A file with low-rank factors changes base weights: the demo's original must be the base model alone, so its
     original answers are those of the adapter-only file (whose original is the base), while the retrofit's change."""

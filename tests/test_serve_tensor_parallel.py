@@ -1,6 +1,6 @@
 """dms_jax.serve.tensor_parallel: an Engine whose KV heads are split over the "tensor" axis of a mesh of fake CPU
 devices gives what one device gives -- the same greedy tokens for evicting, reducing and merging policies (DMS,
-TOVA, DMC; Quest in the slow part), also through the Pallas decode kernel (Triton, interpret mode), the same logits step by step (atol 1e-5, float32), the same Scheduler outputs
+TOVA, DMC; Quest in the slow part), also through the Pallas decode kernel (Triton, interpret mode; slow part), the same logits step by step (atol 1e-5, float32), the same Scheduler outputs
 with a shared prefix forked -- while each device holds only its share of the page pool, every head's pages stay in
 its own share and no compiled program all-gathers a pool; data-parallel replicas of tensor-parallel engines (a
 4 x 2 mesh of 8 devices, slow part) agree too, and meshes that do not fit the model are refused with a message
@@ -74,6 +74,15 @@ def _worker(out: str, part: str):
         one = Engine(model, policy, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
         res["generate"][policy] = dict(tp=got.tokens(), one=one.tokens(), leftover=got.pages_in_use_at_end)
     if part == "slow":
+        # The kernel path (pallas_kernels.paged_decode_attention, per device on its own share): the Triton kernel in
+        # interpret mode, for DMS and for DMC's page copies and merges, against the same kernel on one device.
+        for policy in ("dms", "dmc"):
+            m = model if policy == "dms" else _tiny_dmc_model()
+            pk = dict(kw, attention_backend="pallas_gpu", interpret=True)
+            got = Engine(m, policy, mesh=tp, **pk).generate(prompts[:3], max_new_tokens=6, stop_ids=[], chains=2)
+            one = Engine(m, policy, **pk).generate(prompts[:3], max_new_tokens=6, stop_ids=[], chains=2)
+            res["generate"][policy + "_pallas_gpu"] = dict(tp=got.tokens(), one=one.tokens(),
+                                                           leftover=got.pages_in_use_at_end)
         grid = sharding.make_mesh(data=4, tensor=2)
         rep = ReplicatedEngine(model, "dms", mesh=grid, **kw)
         got = rep.generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
@@ -81,15 +90,6 @@ def _worker(out: str, part: str):
                                devices=[sorted(str(d) for d in e.mesh.devices.flat) for e in rep.engines])
         Path(out).write_text(json.dumps(res))
         return
-    # The kernel path (pallas_kernels.paged_decode_attention, per device on its own share): the Triton kernel in
-    # interpret mode, for DMS and for DMC's page copies and merges, against the same kernel on one device.
-    for policy in ("dms", "dmc"):
-        m = model if policy == "dms" else _tiny_dmc_model()
-        pk = dict(kw, attention_backend="pallas_gpu", interpret=True)
-        got = Engine(m, policy, mesh=tp, **pk).generate(prompts[:3], max_new_tokens=6, stop_ids=[], chains=2)
-        one = Engine(m, policy, **pk).generate(prompts[:3], max_new_tokens=6, stop_ids=[], chains=2)
-        res["generate"][policy + "_pallas_gpu"] = dict(tp=got.tokens(), one=one.tokens(),
-                                                       leftover=got.pages_in_use_at_end)
 
     dmc_model = _tiny_dmc_model()
     got = Engine(dmc_model, "dmc", mesh=tp, **kw).generate(prompts, max_new_tokens=8, stop_ids=[], chains=2)
@@ -149,7 +149,10 @@ def results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_results(tmp_path_factory):
-    return _run_worker(tmp_path_factory, "slow")
+    dump = tmp_path_factory.mktemp("hlo_slow")
+    res = _run_worker(tmp_path_factory, "slow", dump)
+    res["pool_gathers"] = _pool_gathers(dump)
+    return res
 
 
 def _pool_gathers(dump: Path) -> dict:
@@ -175,12 +178,16 @@ def test_greedy_tokens_equal_one_device(results, policy):
     assert r["leftover"] == 0
 
 
+@pytest.mark.slow  # interpret-mode kernels: ~1 min quiet
 @pytest.mark.parametrize("policy", ("dms", "dmc"))
-def test_pallas_kernel_under_the_mesh_equals_one_device(results, policy):
+def test_pallas_kernel_under_the_mesh_equals_one_device(slow_results, policy):
     """The Triton decode kernel (interpret mode) runs per device on its share; tokens equal one device's."""
-    r = results["generate"][policy + "_pallas_gpu"]
+    r = slow_results["generate"][policy + "_pallas_gpu"]
     assert r["tp"] == r["one"] and all(len(t) == 6 for t in r["one"])
     assert r["leftover"] == 0
+    gathers = slow_results["pool_gathers"]
+    assert any("decode" in name for name in gathers)  # the dump holds the partitioned programs
+    assert {name: found for name, found in gathers.items() if found} == {}
 
 
 def test_logits_equal_one_device_step_by_step(results):
