@@ -35,10 +35,6 @@ FACTORS = ("lora_a", "lora_b")
 _HF_FACTOR = re.compile(r"^(.*)\.lora_([AB])\.weight$")
 
 
-def _dotted(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0, init_scale: float = 1.0) -> list[str]:
     """Adds rank-``rank`` factors to every nnx.Linear whose dotted path (e.g. "layers.3.self_attn.q_proj") matches
     the regex ``targets``; returns those paths. ``lora_a`` is uniform in +-init_scale/sqrt(in) (1: PEFT's default),
@@ -54,7 +50,7 @@ def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0, init
         pattern = re.compile(targets)
     except re.error as e:
         raise ValueError(f"lowrank targets must be a valid regex, got {targets!r}: {e}") from e
-    linears = [(_dotted(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+    linears = [(weights.dotted_path(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
     if any(hasattr(node, FACTORS[0]) for _, node in linears):
         raise ValueError("model: it already has low-rank factors")
     chosen = [(name, node) for name, node in linears if pattern.search(name)]
@@ -73,6 +69,11 @@ def attach(model, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0, init
     return [name for name, _ in chosen]
 
 
+def _plus_product(kernel, a, b):
+    """kernel + a @ b, summed in float32 and kept in the kernel's dtype."""
+    return (kernel.astype(jnp.float32) + a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(kernel.dtype)
+
+
 def has_factors(state) -> bool:
     return any(path[-1] in FACTORS for path, _ in nnx.to_flat_state(state))
 
@@ -89,9 +90,7 @@ def fold_states(trainable, frozen):
         a = factors.get(path[:-1] + ("lora_a",))
         if path[-1] == "kernel" and a is not None:
             b = factors[path[:-1] + ("lora_b",)]
-            kernel = var.get_value()
-            delta = a.get_value().astype(jnp.float32) @ b.get_value().astype(jnp.float32)
-            var = var.replace((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+            var = var.replace(_plus_product(var.get_value(), a.get_value(), b.get_value()))
         folded.append((path, var))
     rest = [(path, var) for path, var in flat if path[-1] not in FACTORS]
     return nnx.from_flat_state(rest), nnx.from_flat_state(folded)
@@ -101,9 +100,7 @@ def fold(model) -> None:
     """Adds every Linear's a @ b into its kernel and removes the factors: the model becomes a plain one."""
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Linear) and hasattr(node, "lora_a"):
-            kernel = node.kernel[...]
-            delta = node.lora_a[...].astype(jnp.float32) @ node.lora_b[...].astype(jnp.float32)
-            node.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            node.kernel[...] = _plus_product(node.kernel[...], node.lora_a[...], node.lora_b[...])
             del node.lora_a, node.lora_b
 
 

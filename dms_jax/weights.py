@@ -153,6 +153,12 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 # ----------------------------------------------------------------------------------------------- name mapping
 
 
+def dotted_path(path) -> str:
+    """An NNX state or graph path as the dotted name that parameter patterns are searched in (e.g.
+    "layers.3.self_attn.q_proj.kernel": ``--trainable``, ``--lowrank-targets``)."""
+    return ".".join(str(p) for p in path)
+
+
 def hf_name(path: tuple) -> tuple[str, bool]:
     """NNX state path -> (HF tensor name, whether the array is transposed between the two layouts)."""
     parts = [str(p) for p in path]

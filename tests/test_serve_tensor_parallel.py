@@ -127,32 +127,29 @@ def _worker(out: str, part: str):
     Path(out).write_text(json.dumps(res))
 
 
-def _run_worker(tmp_path_factory, part: str, dump: Path | None = None) -> dict:
+def _run_worker(tmp_path_factory, part: str) -> dict:
+    """The worker's results for ``part``, plus the pool all-gathers found in the programs it compiled."""
     out = tmp_path_factory.mktemp("tp") / "out.json"
+    dump = tmp_path_factory.mktemp("hlo")
     env = th.cli_env({"cache": tmp_path_factory.mktemp("jaxcache")}, devices=8)
-    if dump is not None:
-        env["XLA_FLAGS"] += (f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
-                             " --xla_dump_hlo_module_re=.*(prefill|decode|emit|segment|release|fork).*")
+    env["XLA_FLAGS"] += (f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
+                         " --xla_dump_hlo_module_re=.*(prefill|decode|emit|segment|release|fork).*")
     proc = subprocess.run([sys.executable, __file__, str(out), part], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    res["pool_gathers"] = _pool_gathers(dump)
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("hlo")
-    res = _run_worker(tmp_path_factory, "main", dump)
-    res["pool_gathers"] = _pool_gathers(dump)
-    return res
+    return _run_worker(tmp_path_factory, "main")
 
 
 @pytest.fixture(scope="module")
 def slow_results(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("hlo_slow")
-    res = _run_worker(tmp_path_factory, "slow", dump)
-    res["pool_gathers"] = _pool_gathers(dump)
-    return res
+    return _run_worker(tmp_path_factory, "slow")
 
 
 def _pool_gathers(dump: Path) -> dict:

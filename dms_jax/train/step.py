@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dms_jax import dmc, dms
+from dms_jax import dmc, dms, weights
 from dms_jax import lowrank as lowrank_mod
 from dms_jax.model import CausalLM
 from dms_jax.train.losses import kl_student_teacher
@@ -121,10 +121,6 @@ class DistillConfig:
         return dms.target_compression_ratio(since, self.cr_initial, self.cr_final, self.schedule_final_step)
 
 
-def hf_style_name(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def trainable_filter(spec: str) -> Callable:
     """nnx filter selecting trainable parameters: "all", "adapter" or a regex searched in the parameter path
     (dotted, e.g. "layers.3.self_attn.q_proj.kernel"). "adapter" also selects low-rank factors where a model has
@@ -138,7 +134,7 @@ def trainable_filter(spec: str) -> Callable:
             pattern = re.compile(spec)
         except re.error as e:
             raise ValueError(f"trainable must be 'all', 'adapter' or a valid regex, got {spec!r}: {e}") from e
-    return nnx.All(nnx.Param, lambda path, _: bool(pattern.search(hf_style_name(path))))
+    return nnx.All(nnx.Param, lambda path, _: bool(pattern.search(weights.dotted_path(path))))
 
 
 def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
