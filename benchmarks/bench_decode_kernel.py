@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from dms_jax.provenance import command_line, machine_description, utc_now  # noqa: E402
 from pallas_kernels import live_kv_bytes, paged_decode_attention  # noqa: E402
 from pallas_kernels._common import default_platform  # noqa: E402
+from pallas_kernels.kv_codec import encode_rows, is_quantized, row_width  # noqa: E402
 
 # Peak HBM bandwidth, GB/s (vendor spec sheets). Matched against jax's device_kind, most specific first.
 PEAK_GBPS = [
@@ -89,7 +90,8 @@ def _parse_args(argv):
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "int8"],
+                   help="pool dtype (int8: rows of D values + a float32 scale, q in bfloat16)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--backends", nargs="+", default=None,
                    help="backends to time (default: the Pallas kernel of the platform and xla; xla on CPU)")
@@ -117,8 +119,8 @@ def _time_backends(c: dict, context, cr, q, k_pages, v_pages, tables, rng) -> li
     page_size, D, dtype, on_hw, peak = c["page_size"], c["D"], c["dtype"], c["on_hw"], c["peak"]
     lengths_np = _lengths(rng, c["B"], c["H"], context, cr, page_size)
     lengths = jnp.asarray(lengths_np)
-    kv_bytes = live_kv_bytes(lengths_np, page_size, D, dtype.itemsize)
-    table_bytes = k_pages.shape[0] * page_size * D * dtype.itemsize * 2
+    kv_bytes = live_kv_bytes(lengths_np, page_size, row_width(D, dtype), dtype.itemsize)
+    table_bytes = k_pages.size * dtype.itemsize * 2
     reference = np.asarray(paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend="xla"), np.float32)
     runs = []
     for backend in c["backends"]:
@@ -163,9 +165,8 @@ def main(argv=None):
         max_pages = -(-context // page_size)
         num_pages = B * H * max_pages
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-        k_pages = jax.random.normal(kk, (num_pages, page_size, D), dtype)
-        v_pages = jax.random.normal(kv, (num_pages, page_size, D), dtype)
-        q = jax.random.normal(kq, (B, H, G, D), dtype)
+        k_pages, v_pages = (encode_rows(jax.random.normal(key, (num_pages, page_size, D)), dtype) for key in (kk, kv))
+        q = jax.random.normal(kq, (B, H, G, D), jnp.bfloat16 if is_quantized(dtype) else dtype)
         tables = jnp.asarray(rng.permutation(num_pages).reshape(B, H, max_pages), jnp.int32)
         for cr in args.crs:
             runs += _time_backends(c, context, cr, q, k_pages, v_pages, tables, rng)

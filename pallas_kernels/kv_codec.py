@@ -45,13 +45,29 @@ def encode_rows(x, dtype):
     return jnp.concatenate([values, scale_bytes], axis=-1)
 
 
+def scale_from_bytes(b0, b1, b2, b3):
+    """The float32 scales ``[...]`` stored as 4 int8 bytes each, given as four planes ``[...]`` (least significant
+    byte first, as ``bitcast_convert_type`` writes them), from integer shifts and one same-width bitcast. The
+    Pallas kernels decode their tiles with this very function; the Triton lowering has no slice of a loaded tile,
+    so a kernel loads each byte plane from the pool rather than cutting it out of a row."""
+    u = [b.astype(jnp.int32) & 0xFF for b in (b0, b1, b2, b3)]
+    bits = u[0] | (u[1] << 8) | (u[2] << 16) | (u[3] << 24)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def decode_rows(rows, dtype=jnp.float32):
     """Stored rows ``[..., row_width]`` back as values ``[..., D]`` in ``dtype`` (a plain pool: a cast)."""
     if not is_quantized(rows.dtype):
         return rows.astype(dtype)
     d = head_dim_of(rows)
-    scale = jax.lax.bitcast_convert_type(rows[..., d:], jnp.float32)  # [...]
-    return (rows[..., :d].astype(jnp.float32) * scale[..., None]).astype(dtype)
+    return dequantize(rows[..., :d], [rows[..., d + i] for i in range(SCALE_BYTES)], dtype)
+
+
+def dequantize(values, scale_bytes, dtype=jnp.float32):
+    """int8 ``values [..., D]`` with their rows' scale bytes (4 planes ``[...]``, see ``scale_from_bytes``) as
+    floats ``[..., D]`` in ``dtype``: the parts of stored rows, which a Triton kernel loads apart because a D + 4
+    wide tile is not a power of two."""
+    return (values.astype(jnp.float32) * scale_from_bytes(*scale_bytes)[..., None]).astype(dtype)
 
 
 def round_trip(x, dtype):

@@ -8,7 +8,8 @@ Interface (the engine's paged cache is built against it; keep it stable)::
     q:            [B, Hkv, G, D]      the G query heads that share each KV head (bf16 / f16 / f32)
     k_pages:      [num_pages, page_size, D]   one static pool shared by all sequences, layers and KV heads;
     v_pages:      [num_pages, page_size, D]   a page holds tokens of exactly one (sequence, layer, KV head);
-                  an int8 pool has rows of D + 4 (values, then their scale: kv_codec), read by "xla" only
+                  an int8 pool has rows of D + 4 (values, then their scale: kv_codec); every backend reads
+                  it, the kernels dequantising each tile after it arrives (bytes read: D + 4 per row)
     block_tables: [B, Hkv, max_pages] int32   physical page ids in logical order; entries past the used
                                               pages are arbitrary but must be in range
     lengths:      [B, Hkv] int32              live slots: slots 0..length-1 of the head's pages (in block-table
@@ -56,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._common import cdiv, next_pow2, resolve_backend, resolve_interpret, tpu_interpret_arg
-from .kv_codec import decode_rows, is_quantized, row_width
+from .kv_codec import SCALE_BYTES, decode_rows, dequantize, is_quantized, row_width
 
 __all__ = [
     "paged_decode_attention",
@@ -203,7 +204,9 @@ def _tpu_kernel(len_ref, n_ref, phys_ref, *rest, has_mask, page_size, ppb, mp, n
     def _():
         _for_live_pages(0, 0, lambda c: c.start())
 
-    q = q_ref[...].astype(kbuf.dtype)
+    # An int8 pool's tiles arrive as stored rows (values + scale bytes) and are dequantised to f32 in VMEM.
+    compute_dtype = jnp.float32 if is_quantized(kbuf.dtype) else kbuf.dtype
+    q = q_ref[...].astype(compute_dtype)
     e_row = lax.broadcasted_iota(jnp.int32, (1, nt), 1)
     e_col = lax.broadcasted_iota(jnp.int32, (nt, 1), 0)
 
@@ -216,8 +219,8 @@ def _tpu_kernel(len_ref, n_ref, phys_ref, *rest, has_mask, page_size, ppb, mp, n
             _for_live_pages(blk + 1, 1 - slot, lambda c: c.start())
 
         _for_live_pages(blk, slot, lambda c: c.wait())
-        k = kbuf[slot].reshape(nt, d)
-        v = vbuf[slot].reshape(nt, d)
+        k = decode_rows(kbuf[slot].reshape(nt, kbuf.shape[-1]), compute_dtype)
+        v = decode_rows(vbuf[slot].reshape(nt, vbuf.shape[-1]), compute_dtype)
         # Live slots per page of the block (scalars from SMEM), spread over the block's token axis.
         cnt_row = jnp.zeros((1, nt), jnp.int32)
         cnt_col = jnp.zeros((nt, 1), jnp.int32)
@@ -279,8 +282,8 @@ def _tpu_impl(q, k_pages, v_pages, block_tables, lengths, page_mask, *, scale, p
         in_specs=[qo_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=qo_spec,
         scratch_shapes=[
-            pltpu.VMEM((2, ppb, page_size, D), k_pages.dtype),
-            pltpu.VMEM((2, ppb, page_size, D), v_pages.dtype),
+            pltpu.VMEM((2, ppb, page_size, k_pages.shape[-1]), k_pages.dtype),
+            pltpu.VMEM((2, ppb, page_size, v_pages.shape[-1]), v_pages.dtype),
             pltpu.SemaphoreType.DMA((2, 2)),
         ],
     )
@@ -314,6 +317,14 @@ def paged_decode_attention_pallas_tpu(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _load_pages(pool_ref, ids, d):
+    """The pages ``ids`` of a pool as [len(ids), page_size, d]. An int8 pool's values and scale bytes are loaded
+    apart (Triton tiles must be powers of two: D is, D + 4 is not; the scale comes as four byte planes) and dequantised to f32."""
+    if not is_quantized(pool_ref.dtype):
+        return pool_ref[ids]
+    return dequantize(pool_ref[ids, :, pl.ds(0, d)], [pool_ref[ids, :, d + i] for i in range(SCALE_BYTES)])
+
+
 def _gpu_kernel(len_ref, n_ref, phys_ref, *rest, has_mask, page_size, ppb, num_splits, scale):
     if has_mask:
         logical_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref = rest
@@ -331,15 +342,15 @@ def _gpu_kernel(len_ref, n_ref, phys_ref, *rest, has_mask, page_size, ppb, num_s
     hi_blk = jnp.minimum(lo_blk + per, nblk)
     gp, d = q_ref.shape
     nt = ppb * page_size
-    q = q_ref[...]
+    q = q_ref[...].astype(jnp.float32 if is_quantized(k_ref.dtype) else k_ref.dtype)  # int8 tiles arrive as f32
     within = lax.broadcasted_iota(jnp.int32, (ppb, page_size), 1)
     entry = lax.broadcasted_iota(jnp.int32, (ppb,), 0)
 
     def body(blk, carry):
         m_prev, l_prev, acc_prev = carry
         ids = phys_ref[pl.ds(blk * ppb, ppb)]
-        k = k_ref[ids].reshape(nt, d)
-        v = v_ref[ids].reshape(nt, d)
+        k = _load_pages(k_ref, ids, d).reshape(nt, d)
+        v = _load_pages(v_ref, ids, d).reshape(nt, d)
         t = blk * ppb + entry
         first = (logical_ref[pl.ds(blk * ppb, ppb)] if has_mask else t) * page_size
         cnt = jnp.where(t < n, jnp.clip(length - first, 0, page_size), 0)
@@ -458,9 +469,6 @@ def paged_decode_attention(
     interpret: None = interpret mode iff the backend's hardware is absent; True forces interpret mode.
     """
     backend = resolve_backend(backend)
-    if is_quantized(k_pages.dtype) and backend != "xla":
-        raise ValueError(f"an int8 K/V pool is read by the XLA paths only (backend 'xla', or the engine's "
-                         f"'xla_blocked'); the Pallas kernels do not dequantise yet, got backend={backend!r}")
     if backend == "xla":
         return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale,
                                                 page_mask=page_mask)

@@ -1,7 +1,8 @@
 """pallas_kernels.kv_codec: int8 rows with a float32 scale each, against a numpy quantiser written here
 (symmetric, scale = max|x| / 127, round half to even, an all-zero row stores scale 0); float pools are a cast.
 The attention paths that read an int8 pool (the blocked XLA loop and the "xla" reference) equal numpy attention
-over the numpy-dequantised keys and values; the Pallas kernels refuse an int8 pool with a clear error."""
+over the numpy-dequantised keys and values, and so do both Pallas kernels (interpret mode), which dequantise each
+tile in the kernel."""
 
 import chex
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_attention_blocked, paged_decode_attention
-from pallas_kernels.kv_codec import decode_rows, encode_rows, head_dim_of, round_trip, row_width
+from pallas_kernels.kv_codec import decode_rows, encode_rows, head_dim_of, round_trip, row_width, scale_from_bytes
 
 
 def _np_quantise(x):
@@ -68,9 +69,19 @@ def _np_paged_attention(q, k, v, tables, lengths):
     return out
 
 
+def test_scale_bytes_decode_like_numpy_float32():
+    """The byte planes of float32 values (numpy's little-endian view, independent of XLA) decode to the values."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=50) * 10.0 ** rng.integers(-30, 30, 50), [0.0, -0.0, 1.0, 2.0 ** -140]])
+    x = x.astype(np.float32)
+    planes = x.view("<u1").reshape(-1, 4).view(np.int8)
+    got = np.asarray(scale_from_bytes(*(jnp.asarray(planes[:, i]) for i in range(4))))
+    np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
+
+
 def test_int8_pool_attention_matches_numpy():
     rng = np.random.default_rng(2)
-    ps, d, b, h, g = 4, 16, 2, 3, 3
+    ps, d, b, h, g = 4, 16, 2, 3, 3  # powers of two, as the Triton kernel needs
     lengths = np.array([[0, 1, 4], [5, 77, 30]], np.int32)
     m = -(-lengths.max() // ps) + 1
     pool = 1 + b * h * m
@@ -82,12 +93,11 @@ def test_int8_pool_attention_matches_numpy():
     want = _np_paged_attention(q, kq * ks[..., None], vq * vs[..., None], tables, lengths)
     k8, v8 = encode_rows(jnp.asarray(k), "int8"), encode_rows(jnp.asarray(v), "int8")
     args = (jnp.asarray(q), k8, v8, jnp.asarray(tables), jnp.asarray(lengths))
-    for got in (paged_attention_blocked(*args), paged_attention_blocked(*args, block_tokens=8),
-                paged_decode_attention(*args, backend="xla")):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    got = {"blocked": paged_attention_blocked(*args), "blocked_8": paged_attention_blocked(*args, block_tokens=8)}
+    for backend in ("xla", "pallas_tpu", "pallas_gpu"):
+        got[backend] = paged_decode_attention(*args, backend=backend, interpret=True, pages_per_block=4)
+    for name, out in got.items():
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5, err_msg=name)
     # ... and differs from attention over the unquantised pools (the int8 path really is taken).
     exact = _np_paged_attention(q, k, v, tables, lengths)
     assert np.max(np.abs(want - exact)) > 1e-4
-    for backend in ("pallas_tpu", "pallas_gpu"):
-        with pytest.raises(ValueError, match="int8"):
-            paged_decode_attention(*args, backend=backend, interpret=True)

@@ -60,7 +60,6 @@ from dms_jax.serve.sampling import SamplingConfig
 from dms_jax.serve.spec import CacheSpec, PagedCache, init_cache
 from dms_jax.serve.tensor_parallel import check_mesh, place_cache, place_model, under_mesh
 from pallas_kernels._common import BACKENDS, resolve_backend
-from pallas_kernels.kv_codec import is_quantized
 
 ON_EXHAUSTION = ("preempt", "error")
 # K/V storage: a float dtype, or int8 rows with a float32 scale each (pallas_kernels.kv_codec).
@@ -120,7 +119,7 @@ class Engine:
     "pallas_tpu" | "pallas_gpu"; interpret: Pallas interpret mode (None: when the hardware is absent).
     on_exhaustion: "preempt" | "error". segment_steps: decode steps per compiled loop call. cache_dtype: K/V
     storage, one of CACHE_DTYPES (default: the model's compute dtype; "int8": per-token, per-head scaled rows,
-    ``pallas_kernels.kv_codec``, with any policy, on the XLA attention paths). attention_block_tokens: cached
+    ``pallas_kernels.kv_codec``, with any policy and attention backend). attention_block_tokens: cached
     tokens per block of the blocked XLA attention (default: 512 in prefill, ~0.5 MB of K+V (at least 256 tokens)
     per block in decode). mesh: a ``jax.sharding.Mesh`` whose devices are all on its "tensor" axis: tensor
     parallelism over KV heads (``tensor_parallel.py``; each device holds ``budget_pages / T`` pages).
@@ -169,10 +168,6 @@ class Engine:
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype).name
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
-        if is_quantized(self.cache_dtype) and self.backend not in ("xla_blocked", "xla"):
-            raise ValueError(f"cache_dtype='int8' needs attention_backend 'xla_blocked' or 'xla' (the Pallas kernels "
-                             f"do not dequantise yet), got attention_backend={attention_backend!r} "
-                             f"(resolved: {self.backend!r})")
         self.mesh = mesh
         self.kv_groups = 1
         if mesh is not None:  # tensor parallel over KV heads (tensor_parallel.py)
