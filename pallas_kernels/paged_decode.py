@@ -319,7 +319,8 @@ def paged_decode_attention_pallas_tpu(
 
 def _load_pages(pool_ref, ids, d):
     """The pages ``ids`` of a pool as [len(ids), page_size, d]. An int8 pool's values and scale bytes are loaded
-    apart (Triton tiles must be powers of two: D is, D + 4 is not; the scale comes as four byte planes) and dequantised to f32."""
+    apart (Triton tiles must be powers of two: D is, D + 4 is not; the scale comes as four byte planes) and
+    dequantised to f32."""
     if not is_quantized(pool_ref.dtype):
         return pool_ref[ids]
     return dequantize(pool_ref[ids, :, pl.ds(0, d)], [pool_ref[ids, :, d + i] for i in range(SCALE_BYTES)])
@@ -342,7 +343,9 @@ def _gpu_kernel(len_ref, n_ref, phys_ref, *rest, has_mask, page_size, ppb, num_s
     hi_blk = jnp.minimum(lo_blk + per, nblk)
     gp, d = q_ref.shape
     nt = ppb * page_size
-    q = q_ref[...].astype(jnp.float32 if is_quantized(k_ref.dtype) else k_ref.dtype)  # int8 tiles arrive as f32
+    q = q_ref[...]
+    if is_quantized(k_ref.dtype):
+        q = q.astype(jnp.float32)  # the int8 tiles are dequantised to f32
     within = lax.broadcasted_iota(jnp.int32, (ppb, page_size), 1)
     entry = lax.broadcasted_iota(jnp.int32, (ppb,), 0)
 
