@@ -66,6 +66,12 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
     t = bp * ps
 
     n_pages = k_pages.shape[0]
+    # Decode over several sequences: multiply-and-reduce, which XLA fuses with the page gathers, so the gathered
+    # K / V block is never written out (8K x 8 chains, SmolLM2 shapes, 2-core CPU: 15% faster than two einsums).
+    # One sequence (b == 1) takes the einsums: there the fused reduction ran 3.8-4.7x slower than the einsums at
+    # 1K-8K tokens (2 sequences: even), perhaps because its leading dimension of 1 leaves XLA's CPU backend
+    # nothing to split over threads (docs/kernels.md, "CPU decode attention").
+    fused_reduce = nq == 1 and b > 1
 
     def body(i, carry):
         (m, l, acc), k_pages, v_pages = carry
@@ -76,9 +82,7 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
         v = v_pages.reshape(n_pages, ps * rw)[idx].reshape(b, h, t, rw)
         if quantized:  # int8 rows with their scales -> f32 values, fused with the gather
             k, v = decode_rows(k), decode_rows(v)
-        if nq == 1:
-            # Decode (a handful of query rows): multiply-and-reduce, which XLA fuses with the page gathers, so the
-            # gathered K / V block is never written out; 1.3-1.4x faster than two einsums on CPU (SmolLM2 shapes).
+        if fused_reduce:
             s = jnp.sum(k[:, :, None].astype(jnp.float32) * q[:, :, :, 0, None].astype(jnp.float32), axis=-1)
             s = s[:, :, :, None] * scale
         else:
@@ -89,7 +93,7 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + jnp.sum(p, axis=-1)
-        if nq == 1:
+        if fused_reduce:
             pv = jnp.sum(p[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
         else:
             pv = jnp.einsum("bhgqt,bhtd->bhgqd", p, v.astype(jnp.float32))

@@ -112,20 +112,13 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
             obs = None if pst is None else (q, k_new, page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (kp, vp, ring_dec2, obs, (page, off, k_new, v_new))
 
-        def attention_fn(p):
+        def attention_fn(p):  # the kernel backends: they read the new token from the pool, so it is written first
             dec = policy.decisions(p.decision_logits, positions, hkv)[..., 0]
             ring_dec2 = set_previous_decision(ring_dec, n, dec, active, r)
             k_pages2, v_pages2 = write_kv(k_pages, v_pages, page, off, p.k[:, 0], p.v[:, 0])
             q = p.q[:, 0].reshape(s, hkv, -1, p.q.shape[-1])
             page_mask = policy.page_mask(q, tables, lengths, pst, page_size=spec.page_size)
-            if backend == "xla_blocked":
-                # A page mask (Quest) compacts the table to the selected pages: the blocked loop reads only those.
-                tab, lens = (tables, lengths) if page_mask is None else compact_selected_pages(
-                    tables, lengths, page_mask, spec.page_size)
-                out, k_pages2, v_pages2 = paged_attention_blocked(q, k_pages2, v_pages2, tab, lens,
-                                                                  block_tokens=block_tokens, return_pools=True)
-            else:
-                out = _kernel_attention(q, k_pages2, v_pages2, tables, lengths, page_mask, backend, interpret)
+            out = _kernel_attention(q, k_pages2, v_pages2, tables, lengths, page_mask, backend, interpret)
             # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
             obs = None if pst is None else (q, p.k[:, 0], page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (k_pages2, v_pages2, ring_dec2, obs)
