@@ -88,7 +88,10 @@ def test_heldout_task_and_a_new_ratio_is_added(tmp_path):
 
 def test_int8_cache_points_are_their_own_series(tmp_path):
     """--cache-dtype int8: the same held-out point on an int8 K/V cache is added beside the float one (its own
-    identity and series), with a KL to vanilla that is small but not zero."""
+    identity and series), and the int8 cache is really used: its perplexity differs from the float cache's, by
+    little. (The smoke model is random and near uniform, perplexity ~ vocabulary size, so its KL to vanilla is at
+    float rounding, -6e-9 on one machine: the sign of that KL says nothing. The int8 cache's logit error against
+    exact references is tested in test_serve_int8_cache.py.)"""
     out = tmp_path / "p.json"
     argv = ["--sweep", "smoke", "--out", str(out), "--no-progress", "--no-plot", "--tasks", "heldout",
             "--methods", "vanilla"]
@@ -97,7 +100,9 @@ def test_int8_cache_points_are_their_own_series(tmp_path):
     by = {p["series"]: p for p in res["points"]}
     assert set(by) == {"vanilla", "vanilla [int8 KV]"}
     assert by["vanilla [int8 KV]"]["settings"]["cache_dtype"] == "int8" and "cache_dtype" not in by["vanilla"]["settings"]
-    assert 0 < by["vanilla [int8 KV]"]["kl_to_vanilla"] < 0.05
+    ppl_float, ppl_int8 = by["vanilla"]["ppl"], by["vanilla [int8 KV]"]["ppl"]
+    assert ppl_int8 != ppl_float and abs(ppl_int8 / ppl_float - 1) < 1e-3
+    assert abs(by["vanilla [int8 KV]"]["kl_to_vanilla"]) < 0.05
 
 
 def test_dmc_export_is_evaluated_and_a_non_dmc_export_is_refused(tmp_path):
