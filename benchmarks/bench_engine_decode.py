@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="engine attention: auto | xla_blocked | xla | pallas_tpu | pallas_gpu")
     p.add_argument("--time-budget", type=float, default=d.time_budget, help="seconds; contexts not started by then "
                    "are recorded as not run")
+    p.add_argument("--no-unshared", action="store_true",
+                   help="skip the extra vanilla decode of every W > 1 that reads the prompt's pages once per chain")
     p.add_argument("--out", default=str(ROOT / "docs/results/engine_decode.json"))
     return p.parse_args(argv)
 
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
                             steps=args.steps, new_tokens=args.new_tokens, page_size=args.page_size,
                             prefill_chunk=args.prefill_chunk, transformers=not args.no_transformers,
                             random_weights=args.random_weights, attention_backend=args.attention_backend,
-                            time_budget=args.time_budget)
+                            time_budget=args.time_budget, unshared_too=not args.no_unshared)
     result = bench_decode.benchmark(cfg, PROG, argv)
     out = bench_decode.write_outputs(result, args.out)
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)

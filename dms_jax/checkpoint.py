@@ -61,8 +61,13 @@ class RetrofitCheckpoints:
             force=True,
         )
 
-    def save_milestone(self, step: int, params, meta: dict):
-        self.milestones.save(step, args=ocp.args.Composite(
+    def save_milestone(self, step: int, params, meta: dict) -> bool:
+        """Saves the milestone unless one exists at this step: a run resumed from a checkpoint older than its last
+        milestone crosses that step again, and the milestone first saved there may already have been evaluated
+        or exported. Returns whether it saved."""
+        if step in self.milestones.all_steps():
+            return False
+        return self.milestones.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int | None = None) -> dict | None:

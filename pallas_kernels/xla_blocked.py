@@ -44,8 +44,9 @@ def _decode_block_tokens(rows: int, head_dim: int, itemsize: int) -> int:
     return int(min(max(1 << (max(t, 1).bit_length() - 1), 256), 8192))
 
 
-def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale, bp=None, thread_pools=False):
-    """Online softmax over blocks of pages, stopping after ``num_blocks`` (traced) blocks.
+def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale, bp=None, thread_pools=False,
+                  first_block=0):
+    """Online softmax over blocks of pages ``first_block .. num_blocks - 1`` (both may be traced).
 
     q ``[B, H, G, Q, D]`` (Q queries per head); tables ``[B, H, M]`` (M a multiple of the block); visible(i) ->
     ``[B, H, Q, T]`` bool for block i (T tokens); carry = (m, l, acc) ``[B, H, G, Q]``, ``[B, H, G, Q]``,
@@ -108,7 +109,40 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
             v_pages = jax.lax.dynamic_update_slice(v_pages, mark.astype(v_pages.dtype), at)
         return (m_new, l, acc), k_pages, v_pages
 
-    return jax.lax.fori_loop(0, num_blocks, body, (carry, k_pages, v_pages))
+    return jax.lax.fori_loop(first_block, num_blocks, body, (carry, k_pages, v_pages))
+
+
+def merge_softmax_states(a, b):
+    """Two online-softmax states (m, l, acc) over disjoint sets of keys -> the state over their union."""
+    (m1, l1, acc1), (m2, l2, acc2) = a, b
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    c1, c2 = jnp.exp(m1 - m_safe), jnp.exp(m2 - m_safe)
+    return m, c1 * l1 + c2 * l2, c1[..., None] * acc1 + c2[..., None] * acc2
+
+
+def shared_prefix_slots(tables, lengths, chains, page_size, exclude_slot=None):
+    """Where the chains of one prompt read the same pages: ([P, H] shared slots, [P, H, M] their table).
+
+    Sequences ``p * chains .. (p + 1) * chains - 1`` are the chains of prompt p (the engine's prompt-major layout).
+    For each (prompt, KV head) the shared span is the run of leading table entries that every chain holding the
+    head points at the same physical page, cut at the shortest such chain's length and at any chain's
+    ``exclude_slot``: those slots hold the same keys for every chain (copy-on-write gives a chain that writes
+    into a page its own copy). A chain of length 0 (finished, its pages released) does not count."""
+    b, h, m = tables.shape
+    p = b // chains
+    tg, lg = tables.reshape(p, chains, h, m), lengths.reshape(p, chains, h)
+    held = lg > 0
+    ref_row = jnp.argmax(held, axis=1)  # [P, H]: the first chain that holds the head
+    ref = jnp.take_along_axis(tg, ref_row[:, None, :, None], axis=1)[:, 0]
+    same = jnp.all((tg == ref[:, None]) | ~held[..., None], axis=1)  # [P, H, M]
+    leading = jnp.sum(jnp.cumprod(same.astype(jnp.int32), axis=-1), axis=-1)
+    never = jnp.iinfo(jnp.int32).max
+    shared = jnp.minimum(leading * page_size, jnp.min(jnp.where(held, lg, never), axis=1))
+    if exclude_slot is not None:
+        ex = exclude_slot.reshape(p, chains, h)
+        shared = jnp.minimum(shared, jnp.min(jnp.where(held & (ex >= 0) & (ex < lg), ex, never), axis=1))
+    return jnp.where(jnp.any(held, axis=1), shared, 0), ref
 
 
 def pad_tables(tables, bp):
@@ -118,7 +152,7 @@ def pad_tables(tables, bp):
 
 
 def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale=None, block_tokens=None,
-                            return_pools=False, new_kv=None, exclude_slot=None, thread_pools=False):
+                            return_pools=False, new_kv=None, exclude_slot=None, thread_pools=False, chains=1):
     """Paged decode attention, same contract as ``pallas_kernels.paged_decode_attention`` (q ``[B, Hkv, G, D]``,
     slots ``0..length-1`` of each head's pages are live, no causal mask), in plain XLA for the CPU: an online
     softmax over blocks of ``BLOCK_TOKENS`` cached tokens whose trip count is the longest head's, so the cost
@@ -129,8 +163,16 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     pool yet, and exclude_slot ``[B, Hkv]``: a slot below ``length`` to skip (the one the incoming token will
     take: stale or an evicted token). With both, the caller can write the token into the pool after the attention
     (the decode does, for all layers at once), so the pool is only read here. thread_pools (with return_pools):
-    see ``online_blocks``; only for a caller whose pools nothing else reads before it writes them."""
+    see ``online_blocks``; only for a caller whose pools nothing else reads before it writes them.
+
+    chains: sequences come in groups of ``chains`` that share their prompt's pages (``Engine.generate(chains=W)``,
+    prompt-major). The span every chain of a group reads from the same pages (``shared_prefix_slots``) is then read
+    once, for the queries of all the group's chains together, and each chain reads only the rest on its own. The
+    result is the same; the K/V read for the shared span drops W-fold (cascade attention, as serving engines do for
+    shared prefixes)."""
     b, h, g, d = q.shape
+    if chains < 1 or b % chains:
+        raise ValueError(f"chains must be a positive divisor of the {b} sequences, got {chains}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ps = k_pages.shape[1]
     bp = block_pages(ps, block_tokens or _decode_block_tokens(b * h, k_pages.shape[-1],
@@ -148,12 +190,52 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
         carry = (s_new, jnp.ones((b, h, g, 1), jnp.float32),
                  jnp.broadcast_to(v_new[:, :, None, None, :], (b, h, g, 1, d)))
 
+    first_block, shared = 0, None
+    if chains > 1:
+        shared, shared_tables = shared_prefix_slots(tables, lengths, chains, ps, exclude_slot)
+        # Whole blocks only: the private pass then starts where the shared one ends, and no block is read twice
+        # (a DMS cache at 1K x CR 8 shares less than a block: it reads as without chains).
+        shared = shared // t * t
+        shared_state, k_pages, v_pages = _shared_span_state(q, k_pages, v_pages, shared_tables, shared, chains,
+                                                            scale, bp, thread_pools)
+        carry = merge_softmax_states(carry, shared_state)
+        shared = jnp.repeat(shared, chains, axis=0)  # [B, H]
+        first_block = jnp.min(shared) // t
+
     def visible(i):
         slot = (i * t + jnp.arange(t))[None, None, None, :]
         vis = slot < lengths[:, :, None, None]
+        if shared is not None:  # read above, once per group
+            vis = vis & (slot >= shared[:, :, None, None])
         return vis if exclude_slot is None else vis & (slot != exclude_slot[:, :, None, None])
 
     (_, l, acc), k_pages, v_pages = online_blocks(q[:, :, :, None], k_pages, v_pages, tables, num_blocks,
-                                                  visible, carry, scale, bp, thread_pools=thread_pools)
+                                                  visible, carry, scale, bp, thread_pools=thread_pools,
+                                                  first_block=first_block)
     out = (acc / jnp.where(l == 0.0, 1.0, l)[..., None])[:, :, :, 0].astype(q.dtype)
     return (out, k_pages, v_pages) if return_pools else out
+
+
+def _shared_span_state(q, k_pages, v_pages, shared_tables, shared, chains, scale, bp, thread_pools):
+    """The online-softmax state of every sequence over its group's shared span (``shared_prefix_slots``), read once
+    per group: all chains' queries of a KV head attend together, [P, H, 1, chains * G, D], one matmul per block.
+    Returns ((m, l, acc) laid out as paged_attention_blocked's carry, [B, H, G, 1] and [B, H, G, 1, D]), pools)."""
+    b, h, g, d = q.shape
+    p, n = b // chains, chains * g
+    t = bp * k_pages.shape[1]
+    q_group = q.reshape(p, chains, h, g, d).transpose(0, 2, 1, 3, 4).reshape(p, h, 1, n, d)
+    carry = (jnp.full((p, h, 1, n), -jnp.inf, jnp.float32), jnp.zeros((p, h, 1, n), jnp.float32),
+             jnp.zeros((p, h, 1, n, d), jnp.float32))
+
+    def visible(i):
+        return (i * t + jnp.arange(t))[None, None, None, :] < shared[:, :, None, None]
+
+    num_blocks = (jnp.max(shared) + t - 1) // t
+    state, k_pages, v_pages = online_blocks(q_group, k_pages, v_pages, shared_tables, num_blocks, visible, carry,
+                                            scale, bp, thread_pools=thread_pools)
+
+    def per_sequence(x):  # [P, H, 1, chains * G, ...] -> [B, H, G, 1, ...]
+        x = jnp.moveaxis(x.reshape(p, h, chains, g, *x.shape[4:]), 2, 1)
+        return x.reshape(b, h, g, 1, *x.shape[4:])
+
+    return tuple(per_sequence(x) for x in state), k_pages, v_pages

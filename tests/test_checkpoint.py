@@ -106,6 +106,10 @@ def test_manager_keep_k_meta_milestones_and_restore(tmp_path):
     # A new manager (a resumed process) sees the same steps; an empty directory has nothing to resume.
     again = RetrofitCheckpoints(tmp_path, every=2, keep=2)
     assert again.latest_step() == 7 and again.read_meta()["step"] == 7
+    # Resumed from step 2, the run crosses milestone 3 again: the first one stays (it may have been evaluated).
+    assert not again.save_milestone(3, jax.tree.map(lambda x: x + 100, params), {"step": 3})
+    again.wait()
+    chex.assert_trees_all_equal(again.restore_milestone(3, params), jax.tree.map(lambda x: x + 3, params))
     again.close()
     empty = RetrofitCheckpoints(tmp_path / "empty")
     assert empty.read_meta() is None

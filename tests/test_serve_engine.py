@@ -208,15 +208,21 @@ def test_engine_equals_dense_generation(tiny, prompts, policy, dms_flag):
     assert res.pool_high_water_bytes == res.pool_high_water_pages * res.bytes_per_page
 
 
-def test_chains_equal_dense_generation_of_copies(tiny, prompts):
-    """W chains of each prompt (one prefill, copy-on-write) == dense generation of W copies, same seed."""
+@pytest.mark.parametrize("policy", ["vanilla", "dms"])
+def test_chains_equal_dense_generation_of_copies(tiny, prompts, policy):
+    """W chains of each prompt (one prefill, copy-on-write; the attention reads the shared pages once per prompt)
+    == dense generation of W copies, same seed. Chains that stop early release their pages mid-run."""
     w = 3
     sampling = SamplingConfig(temperature=1.0)
-    eng = Engine(tiny, "dms", page_size=PAGE, prefill_chunk=CHUNK)
-    res = eng.generate(prompts[:2], max_new_tokens=12, sampling=sampling, stop_ids=[2], seed=5, chains=w)
+    eng = Engine(tiny, policy, page_size=PAGE, prefill_chunk=CHUNK)
+    # A stop token that the first chain samples 4th, so that some chains stop (and release) mid-run, others not.
+    stop = eng.generate(prompts[:2], max_new_tokens=12, sampling=sampling, stop_ids=[], seed=5,
+                        chains=w).requests[0].tokens[3]
+    res = eng.generate(prompts[:2], max_new_tokens=12, sampling=sampling, stop_ids=[stop], seed=5, chains=w)
     copies = [p for p in prompts[:2] for _ in range(w)]
-    assert res.tokens() == generate(tiny, copies, max_new_tokens=12, sampling=sampling, stop_ids=[2], seed=5,
-                                    dms=True)
+    assert res.tokens() == generate(tiny, copies, max_new_tokens=12, sampling=sampling, stop_ids=[stop], seed=5,
+                                    dms=policy == "dms")
+    assert min(map(len, res.tokens())) < 12 == max(map(len, res.tokens()))
     assert [(r.prompt_index, r.chain) for r in res.requests] == [(i, c) for i in range(2) for c in range(w)]
     assert len({tuple(r.tokens) for r in res.requests[:w]}) > 1, "sampled chains should differ"
     # Copy-on-write: the prompts' pages are stored once, so the pool peaks well below W full copies.

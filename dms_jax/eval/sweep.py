@@ -89,6 +89,18 @@ def resolve_wordings(spec: str, task_names, cases: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def sweep_cases(tokenizer, task: str, length: int, cases: int, families, depths=()) -> list:
+    """A point's cases: ``cases`` split evenly over the task's wording ``families``, family by family (passkey
+    needles cycle through ``depths``). Every tool that measures on the sweep's cases takes them from here."""
+    kw = {"target_tokens": length}
+    if task == "passkey" and depths:
+        kw["depth"] = list(depths)
+    per_family = cases // len(families)
+    return [c for f, wording in enumerate(tasks.WORDINGS[task]) if wording in families
+            for c in tasks.make_cases(task, tokenizer, per_family, TASK_SEEDS[task] + WORDING_SEED_STRIDE * f,
+                                      wording=wording, **kw)]
+
+
 def tiny_random_model(tokenizer, seed: int = 0, dmc: bool = False):
     """A 3-layer random Llama with the tokenizer's vocabulary and a DMS config (random decisions), for the smoke
     sweep: it runs every method, its accuracy means nothing. dmc=True: the same with a DMC config instead (merge
@@ -313,18 +325,11 @@ class Runner:
                       cache_dtype=self.s.get("cache_dtype"), **kw)
 
     def cases(self, task, length):
-        """The point's cases: ``cases`` split evenly over the task's wording families, family by family."""
+        """The point's cases (``sweep_cases``)."""
         key = (task, length)
         if key not in self._cases:
-            families = self.s["wordings"][task]
-            kw = {"target_tokens": length}
-            if task == "passkey":
-                kw["depth"] = list(self.s["depths"])
-            per_family = self.s["cases"] // len(families)
-            self._cases[key] = [
-                c for f, wording in enumerate(tasks.WORDINGS[task]) if wording in families
-                for c in tasks.make_cases(task, self.tok, per_family, TASK_SEEDS[task] + WORDING_SEED_STRIDE * f,
-                                          wording=wording, **kw)]
+            self._cases[key] = sweep_cases(self.tok, task, length, self.s["cases"], self.s["wordings"][task],
+                                           self.s["depths"])
         return self._cases[key]
 
     def run_generation(self, job: Job) -> dict:

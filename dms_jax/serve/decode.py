@@ -64,14 +64,14 @@ def _kernel_attention(q, k_pages, v_pages, tables, lengths, page_mask, backend, 
 
 
 def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend, interpret,
-                    block_tokens=None):
+                    block_tokens=None, chains=1):
     """The forward of one decode step for ``active`` sequences, after the plan fits. Returns (logits, cache).
 
     Longer than most: the layer body's two attention closures (deferred writes on the blocked XLA path, write
     first for the kernel backends) read the step's traced plan, positions and pools, which they share."""
     if policy.merges:
         return _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend,
-                                   interpret, block_tokens)
+                                   interpret, block_tokens, chains)
     r, hkv = spec.ring, spec.num_kv_heads
     s = tokens.shape[0]
     plan = plan_decode(cache, spec, active, policy)
@@ -101,13 +101,14 @@ def _decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, 
             q = p.q[:, 0].reshape(s, hkv, -1, p.q.shape[-1])
             k_new, v_new = p.k[:, 0], p.v[:, 0]
             page_mask = policy.page_mask(q, tables, lengths, pst, page_size=spec.page_size)
-            tab, lens, excl = tables, lengths, target
+            tab, lens, excl, groups = tables, lengths, target, chains
             if page_mask is not None:  # Quest: the table compacted to the selected pages, the loop reads only those
                 tab, lens = compact_selected_pages(tables, lengths, page_mask, spec.page_size)
                 excl = compacted_slot(target, lengths, page_mask, spec.page_size)
+                groups = 1  # each chain's compacted table is its own
             out, kp, vp = paged_attention_blocked(q, k_pages, v_pages, tab, lens, block_tokens=block_tokens,
                                                   new_kv=(k_new, v_new), exclude_slot=excl, return_pools=True,
-                                                  thread_pools=True)
+                                                  thread_pools=True, chains=groups)
             # What a stateful policy observes after the layers (see below): this layer's query, new key, mask.
             obs = None if pst is None else (q, k_new, page_mask)
             return out.reshape(s, 1, -1, p.q.shape[-1]), (kp, vp, ring_dec2, obs, (page, off, k_new, v_new))
@@ -155,7 +156,7 @@ def _observe_decode(policy, cache, obs, k_pages, target, n, active, width):
 
 
 def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, spec, policy, width, backend,
-                        interpret, block_tokens=None):
+                        interpret, block_tokens=None, chains=1):
     """``_decode_forward`` for DMC (policy "dmc"). A head's merge decision comes from the token's own key, so
     it is known only inside its layer: the slot bookkeeping (merge into the last slot or append, page allocation,
     copy-on-write; ``plans.dmc_decode_slots``) runs layer by layer with the refcount threaded through the layers.
@@ -191,7 +192,8 @@ def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, sp
             if deferred:
                 out, kp, vp = paged_attention_blocked(
                     q, k_pages, v_pages, tables, lengths, block_tokens=block_tokens, new_kv=(state_k, state_v),
-                    exclude_slot=jnp.where(merge, lengths - 1, -1), return_pools=True, thread_pools=True)
+                    exclude_slot=jnp.where(merge, lengths - 1, -1), return_pools=True, thread_pools=True,
+                    chains=chains)
             else:
                 kp, vp = copy_pages(k_pages, v_pages, *cow)
                 kp, vp = write_kv(kp, vp, page, off, state_k, state_v)
@@ -216,7 +218,7 @@ def _dmc_decode_forward(layer_gd, layer_params, outer, cache, tokens, active, sp
 
 
 def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, policy, width, backend, interpret,
-                 on_exhaustion, block_tokens=None, preempt_rank=None):
+                 on_exhaustion, block_tokens=None, preempt_rank=None, chains=1):
     """Plans the step, handles pool exhaustion, runs the forward. Returns (logits [S, V], cache, _StepInfo).
     preempt_rank [S]: who goes first when the pool runs short (``pages.select_preemptions``; default the slot)."""
     ps, groups = spec.page_size, spec.kv_groups
@@ -234,12 +236,12 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
 
         def run(c):
             return _decode_forward(layer_gd, layer_params, outer, c, tokens, active, spec, policy, width, backend,
-                                   interpret, block_tokens)
+                                   interpret, block_tokens, chains)
 
         if cache.policy_state is None or policy.merges:  # a step that does not fit runs with nothing active: a
             # no-op (no cond; DMC's window state is left alone by inactive rows)
             logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~error, spec,
-                                            policy, width, backend, interpret, block_tokens)
+                                            policy, width, backend, interpret, block_tokens, chains)
             logits = jnp.where(error, 0.0, logits)
         else:
             logits, cache = jax.lax.cond(error, lambda c: (jnp.zeros((tokens.shape[0], vocab), jnp.float32), c),
@@ -250,7 +252,7 @@ def _decode_step(layer_gd, layer_params, outer, cache, tokens, active, *, spec, 
         # After the preemptions the requests fit; if they did not (a bookkeeping bug) the host raises.
         error = ~fits(plan_decode(cache, spec, active & ~pre, policy).need, cache.refcount, groups)
         logits, cache = _decode_forward(layer_gd, layer_params, outer, cache, tokens, active & ~pre, spec, policy,
-                                        width, backend, interpret, block_tokens)
+                                        width, backend, interpret, block_tokens, chains)
     return logits, cache, _StepInfo(preempted=pre, error=error, need=total, free=jnp.sum(n_free))
 
 
@@ -309,13 +311,13 @@ class StepCount:
 
 
 def decode_and_count(layer_gd, layer_params, outer, cache, tokens, running, *, spec, policy, width, backend,
-                     interpret, on_exhaustion, block_tokens=None, preempt_rank=None):
+                     interpret, on_exhaustion, block_tokens=None, preempt_rank=None, chains=1):
     """One decode step of the ``running`` rows (``_decode_step``) and its ``StepCount``: the one home of how a
     step's survivors, live entries and reads are counted. Returns (logits, cache, _StepInfo, StepCount)."""
     logits, cache, info = _decode_step(layer_gd, layer_params, outer, cache, tokens, running, spec=spec,
                                        policy=policy, width=width, backend=backend, interpret=interpret,
                                        on_exhaustion=on_exhaustion, block_tokens=block_tokens,
-                                       preempt_rank=preempt_rank)
+                                       preempt_rank=preempt_rank, chains=chains)
     running = running & ~info.preempted & ~info.error
     live, pages = seq_live_and_pages(cache, spec.page_size)
     reads = jnp.where(running, step_reads(policy, cache, live), 0)
@@ -350,14 +352,16 @@ def first_emit(cache, state: GenState, logits, stop_ids, *, sampling, max_new_to
 
 @functools.partial(jax.jit, static_argnames=("layer_gd", "outer_gd", "spec", "policy", "width", "backend",
                                              "interpret", "on_exhaustion", "sampling", "max_steps",
-                                             "max_new_tokens", "block_tokens"), donate_argnames=("cache", "state"))
+                                             "max_new_tokens", "block_tokens", "chains"),
+                   donate_argnames=("cache", "state"))
 def decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state: GenState, stop_ids, *, spec,
                    policy, width, backend, interpret, on_exhaustion, sampling, max_steps, max_new_tokens,
-                   block_tokens=None):
+                   block_tokens=None, chains=1):
     """Up to ``max_steps`` decode steps: each feeds the running sequences' last emitted token through one forward,
     then emits the next (``_emit``; the first token comes from the prefill's logits, ``first_emit``). The loop
     runs only while a sequence is running, so every trip does a forward and no cond is needed around it -- a cond
-    carrying the page pools makes XLA copy them at every step."""
+    carrying the page pools makes XLA copy them at every step. chains: ``Engine.decode``'s (W chains per prompt,
+    prompt-major, sharing the prompt's pages: the blocked attention reads each shared span once per prompt)."""
     outer = nnx.merge(outer_gd, outer_params)
     ps = spec.page_size
 
@@ -370,7 +374,7 @@ def decode_segment(layer_gd, layer_params, outer_gd, outer_params, cache, state:
         logits, cache, info, n = decode_and_count(layer_gd, layer_params, outer, cache, st.tok, st.running,
                                                   spec=spec, policy=policy, width=width, backend=backend,
                                                   interpret=interpret, on_exhaustion=on_exhaustion,
-                                                  block_tokens=block_tokens)
+                                                  block_tokens=block_tokens, chains=chains)
         st = st.replace(
             running=n.running, preempted=st.preempted | info.preempted, reads=st.reads + n.reads,
             steps=st.steps + (~info.error).astype(jnp.int32),

@@ -313,15 +313,22 @@ class Engine:
 
     @under_mesh
     def decode(self, cache, spec, last_logits, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-               stop_ids: Sequence[int] | None = None, seed: int = 0, running=None) -> "DecodeOutput":
+               stop_ids: Sequence[int] | None = None, seed: int = 0, running=None, chains: int = 1) -> "DecodeOutput":
         """Samples up to ``max_new_tokens`` tokens for every ``running`` [S] slot of a prefilled cache, starting
         from ``last_logits`` [S, V] (the logits after each slot's last cached token).
+
+        chains: the slots are W chains per prompt, prompt-major, forked from the prompt's pages (as ``generate``
+        lays them out); on the blocked XLA path each prompt's shared pages are then read once per step for all
+        its chains instead of once per chain. Any layout gives the same tokens; this one only reads less.
 
         Runs jitted segments of ``segment_steps`` steps. Returns a DecodeOutput (tokens, status, metrics, the final
         cache, wall time per segment); the cache holds what is left (finished sequences have been released).
         """
         check_int("max_new_tokens", max_new_tokens)
         s = spec.max_seqs
+        check_int("chains", chains)
+        if s % chains:
+            raise ValueError(f"chains={chains} must divide the cache's {s} sequence slots")
         stop = list(self.cfg.eos_token_ids if stop_ids is None else stop_ids) or [-1]
         running = np.ones(s, bool) if running is None else np.asarray(running, bool)
         live0, pages0 = seq_live_and_pages(cache, spec.page_size)
@@ -351,7 +358,7 @@ class Engine:
                 self._layer_gd, self._layer_list, self._outer_gd, self._outer_params, cache, st, stop_arr,
                 spec=spec, policy=self.policy, width=width, backend=self.backend, interpret=self.interpret,
                 on_exhaustion=self.on_exhaustion, sampling=sampling, max_steps=seg, max_new_tokens=max_new_tokens,
-                block_tokens=self.block_tokens)
+                block_tokens=self.block_tokens, chains=chains)
             n_fwd = int(st.steps)
             segments.append({"width_pages": width, "forwards": n_fwd, "seconds": time.perf_counter() - t0})
             reads += np.asarray(st.reads)
@@ -417,7 +424,7 @@ class Engine:
 
         owner = np.repeat(np.arange(n_p), w)
         dec = self.decode(cache, spec, jnp.asarray(last)[jnp.asarray(owner)], max_new_tokens=max_new_tokens,
-                          sampling=sampling, stop_ids=stop_ids, seed=seed, running=~np.repeat(failed, w))
+                          sampling=sampling, stop_ids=stop_ids, seed=seed, running=~np.repeat(failed, w), chains=w)
         preempted = dec.preempted | np.repeat(failed, w)
         requests = _request_results(spec, prompts, owner, w, failed, prefill_reads, dec, preempted)
         hw = int(dec.cache.high_water)

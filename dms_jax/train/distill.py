@@ -479,7 +479,8 @@ def _save_checkpoints(run: _Run, done: int) -> None:
     run.ckpt.save(done, run.params, run.opt_state, meta, force=done == cfg.steps)
     prev_cr, cr = _exact_target_cr(cfg, done - 1), _exact_target_cr(cfg, done)
     if math.floor(cr) > math.floor(prev_cr):  # a whole CR was reached at this step
-        run.ckpt.save_milestone(done, run.params, dict(meta, target_cr=cr))
+        if not run.ckpt.save_milestone(done, run.params, dict(meta, target_cr=cr)) and run.is_main:
+            print(f"milestone {done} exists already (saved before this resume): kept as it is", flush=True)
 
 
 def _to_host(tree):
