@@ -319,7 +319,8 @@ class Engine:
 
         chains: the slots are W chains per prompt, prompt-major, forked from the prompt's pages (as ``generate``
         lays them out); on the blocked XLA path each prompt's shared pages are then read once per step for all
-        its chains instead of once per chain. Any layout gives the same tokens; this one only reads less.
+        its chains instead of once per chain. The tokens do not depend on it (pages that are not shared are read
+        per chain, whatever the layout); it only reads less.
 
         Runs jitted segments of ``segment_steps`` steps. Returns a DecodeOutput (tokens, status, metrics, the final
         cache, wall time per segment); the cache holds what is left (finished sequences have been released).
