@@ -112,6 +112,12 @@ def online_blocks(q, k_pages, v_pages, tables, num_blocks, visible, carry, scale
     return jax.lax.fori_loop(first_block, num_blocks, body, (carry, k_pages, v_pages))
 
 
+def empty_softmax_state(shape, d: int):
+    """The online-softmax state (m, l, acc) over no keys yet: m = -inf, l = 0, acc = 0; ``shape`` is m's."""
+    return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, d), jnp.float32))
+
+
 def merge_softmax_states(a, b):
     """Two online-softmax states (m, l, acc) over disjoint sets of keys -> the state over their union."""
     (m1, l1, acc1), (m2, l2, acc2) = a, b
@@ -182,8 +188,7 @@ def paged_attention_blocked(q, k_pages, v_pages, block_tables, lengths, *, scale
     t = bp * ps
     num_blocks = (jnp.max(lengths) + t - 1) // t
     if new_kv is None:
-        carry = (jnp.full((b, h, g, 1), -jnp.inf, jnp.float32), jnp.zeros((b, h, g, 1), jnp.float32),
-                 jnp.zeros((b, h, g, 1, d), jnp.float32))
+        carry = empty_softmax_state((b, h, g, 1), d)
     else:  # the incoming token opens the online softmax (rounded to the pool's format, as if read from it)
         k_new, v_new = (round_trip(a, k_pages.dtype) for a in new_kv)
         s_new = jnp.einsum("bhgd,bhd->bhg", q.astype(jnp.float32), k_new)[..., None] * scale
@@ -224,8 +229,7 @@ def _shared_span_state(q, k_pages, v_pages, shared_tables, shared, chains, scale
     p, n = b // chains, chains * g
     t = bp * k_pages.shape[1]
     q_group = q.reshape(p, chains, h, g, d).transpose(0, 2, 1, 3, 4).reshape(p, h, 1, n, d)
-    carry = (jnp.full((p, h, 1, n), -jnp.inf, jnp.float32), jnp.zeros((p, h, 1, n), jnp.float32),
-             jnp.zeros((p, h, 1, n, d), jnp.float32))
+    carry = empty_softmax_state((p, h, 1, n), d)
 
     def visible(i):
         return (i * t + jnp.arange(t))[None, None, None, :] < shared[:, :, None, None]

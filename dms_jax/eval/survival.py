@@ -19,6 +19,8 @@ This reads decisions only; whether the model then answers is the evaluation's bu
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dms_jax import dms
@@ -74,18 +76,20 @@ def summarize(per_case: list[dict | None]) -> dict:
             "needle_kept_per_head": needle.tolist()}
 
 
+@functools.cache
+def _hard_decisions():
+    """The jitted full-sequence hard forward -> owner decisions [L, B, H, T]; one function for every call, so that
+    every task of a model reuses its compilation."""
+    from flax import nnx
+
+    return nnx.jit(lambda model, tokens, valid: model(tokens, valid=valid, dms_mode="hard")[1]["decisions"])
+
+
 def model_survival(model, tokenizer, cases, batch: int = 4) -> dict:
     """``summarize`` of ``cases`` (prompts with their answers written in them) under ``model``'s hard decisions."""
     import jax.numpy as jnp
-    from flax import nnx
 
     window = model.dms_cfg.window
-
-    @nnx.jit
-    def decisions(m, tokens, valid):
-        _, aux = m(tokens, valid=valid, dms_mode="hard")
-        return aux["decisions"]
-
     width = -(-max(c.num_tokens for c in cases) // 64) * 64  # one compiled shape for the whole set
     per_case = []
     for start in range(0, len(cases), batch):
@@ -94,7 +98,7 @@ def model_survival(model, tokenizer, cases, batch: int = 4) -> dict:
         valid = np.zeros((batch, width), bool)
         for i, c in enumerate(chunk):
             tokens[i, :c.num_tokens], valid[i, :c.num_tokens] = c.prompt_ids, True
-        dec = np.asarray(decisions(model, jnp.asarray(tokens), jnp.asarray(valid)))  # [L, B, H, T]
+        dec = np.asarray(_hard_decisions()(model, jnp.asarray(tokens), jnp.asarray(valid)))  # [L, B, H, T]
         for i, c in enumerate(chunk):
             occ = needle_occurrences(c.prompt_ids, tokenizer.encode(c.answer, add_special_tokens=False))
             per_case.append(case_survival(dec[:, i], c.num_tokens, window, occ))
