@@ -345,6 +345,11 @@ def test_low_level_errors(tiny, prompts):
         eng.fork(cache, spec, [1], [0])
     with pytest.raises(ValueError, match="exceeds the cache's 40 tokens"):
         eng.prefill(cache, spec, [1], [[1] * 41])
+    logits = np.zeros((4, tiny.cfg.vocab_size), np.float32)
+    with pytest.raises(ValueError, match="chains=3 must divide the cache's 4 sequence slots"):
+        eng.decode(cache, spec, logits, max_new_tokens=2, chains=3)
+    with pytest.raises(ValueError, match="chains must be an integer >= 1"):
+        eng.decode(cache, spec, logits, max_new_tokens=2, chains=0)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
